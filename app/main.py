@@ -1,0 +1,63 @@
+"""The FastAPI application factory: ``uvicorn --factory app.main:create_app``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.routes import router
+from app.services import Services
+from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
+from core.queue import JobQueue
+from core.records import JobStore
+from core.redis_conn import connect_redis
+from core.settings import Settings
+from core.storage import build_storage
+from core.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def build_services(settings: Settings) -> Services:
+    connection = connect_redis(settings)
+    prefix = settings.redis.key_prefix
+    return Services(
+        settings=settings,
+        redis=connection,
+        storage=build_storage(settings),
+        jobs=JobStore(connection, prefix=prefix, ttl_seconds=settings.worker.record_ttl_seconds),
+        queue=JobQueue(connection, prefix=prefix),
+        workers=WorkerRegistry(connection, prefix=prefix),
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        logger.info("API ready (storage: %s)", settings.storage.backend)
+        try:
+            yield
+        finally:
+            services.redis.close()
+
+    app = FastAPI(
+        title="SpaSemSR Serve",
+        version="0.1.0",
+        summary="Spatial-semantic guided diffusion super-resolution as a service.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(
+        UploadLimitMiddleware,
+        max_body_bytes=settings.api.max_upload_bytes + MULTIPART_SLACK_BYTES,
+    )
+    return app

@@ -1,0 +1,337 @@
+"""The v1 routes: a thin HTTP layer over the job store, the queue and object storage."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import ValidationError
+
+from app.errors import problem_response
+from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelPublic
+from app.services import Services, ServicesDep
+from app.uploads import check_image
+from core.errors import (
+    DependencyUnavailable,
+    InvalidParameters,
+    JobAlreadyFinished,
+    JobNotFinished,
+    Overloaded,
+    TooManyPixels,
+    UploadTooLarge,
+)
+from core.jobs import (
+    ImageInfo,
+    JobPayload,
+    JobRecord,
+    JobStatus,
+    input_key_for,
+    new_job_id,
+    output_key_for,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+
+
+def _links(job_id: str) -> JobLinks:
+    return JobLinks(self=f"/v1/jobs/{job_id}", result=f"/v1/jobs/{job_id}/result")
+
+
+def _public(record: JobRecord, services: Services) -> JobPublic:
+    position = None
+    if record.status is JobStatus.QUEUED:
+        position = services.queue.position(record.id, record.priority)
+    grounding = record.details.get("grounding")
+    return JobPublic(
+        id=record.id,
+        status=record.status,
+        priority=record.priority,
+        queue_position=position,
+        progress=record.progress,
+        parameters=record.parameters,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        timings=record.timings,
+        input=record.input,
+        output=record.output,
+        error=record.error,
+        grounding=grounding if isinstance(grounding, dict) else None,
+        links=_links(record.id),
+    )
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={code: PROBLEM for code in (413, 415, 422, 429, 503)},
+    summary="Upload an image and queue an upscaling job",
+)
+async def create_job(
+    request: Request,
+    services: ServicesDep,
+    image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
+    form: Annotated[JobCreate, Form()],
+    response: Response,
+) -> JobPublic:
+    settings = services.settings
+    await _refuse_unknown_fields(request)
+    try:
+        parameters = form.parameters()
+    except ValidationError as exc:
+        raise InvalidParameters(_first_message(exc)) from exc
+    data = await _read_capped(image, settings.api.max_upload_bytes)
+    checked = await run_in_threadpool(
+        check_image,
+        data,
+        max_bytes=settings.api.max_upload_bytes,
+        max_pixels=settings.api.max_input_pixels,
+    )
+    output_pixels = checked.width * checked.height * parameters.scale**2
+    if output_pixels > settings.api.max_output_pixels:
+        raise TooManyPixels(
+            f"At scale {parameters.scale} the output would be {output_pixels} pixels; "
+            f"the limit is {settings.api.max_output_pixels}."
+        )
+    _refuse_when_full(services)
+
+    job_id = new_job_id()
+    info = ImageInfo(
+        width=checked.width, height=checked.height, format=checked.format, bytes=len(data)
+    )
+    record = JobRecord(
+        id=job_id,
+        status=JobStatus.QUEUED,
+        priority=form.priority,
+        parameters=parameters,
+        input=info,
+        input_key=input_key_for(job_id),
+        output_key=output_key_for(job_id, parameters.output_format),
+        created_at=utcnow(),
+    )
+    await run_in_threadpool(
+        services.storage.put, record.input_key, data, content_type=checked.format.media_type
+    )
+    try:
+        services.jobs.create(record)
+        services.queue.enqueue(
+            JobPayload(
+                job_id=job_id,
+                input_key=record.input_key,
+                output_key=record.output_key,
+                input=info,
+                parameters=parameters,
+            ),
+            form.priority,
+            timeout_seconds=settings.worker.job_timeout_seconds,
+            keep_seconds=settings.worker.record_ttl_seconds,
+        )
+    except BaseException:
+        # Nothing half-accepted stays behind: no orphan input, no record without a queue entry.
+        await run_in_threadpool(_forget, services, record)
+        raise
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    logger.info("job %s queued (%dx%d, x%d)", job_id, info.width, info.height, parameters.scale)
+    return _public(record, services)
+
+
+FORM_FIELDS = frozenset(JobCreate.model_fields) | {"image"}
+
+
+async def _refuse_unknown_fields(request: Request) -> None:
+    """A misspelt parameter must not be silently ignored (``stpes=50`` is an error)."""
+    form = await request.form()  # already parsed by FastAPI: this reads its cache
+    unknown = sorted(set(form.keys()) - FORM_FIELDS)
+    if unknown:
+        raise InvalidParameters(f"Unknown form field(s): {', '.join(unknown)}.")
+    if len(form.getlist("image")) != 1:
+        raise InvalidParameters("Send exactly one 'image' file part.")
+
+
+def _forget(services: Services, record: JobRecord) -> None:
+    try:
+        services.storage.delete(record.input_key)
+        services.jobs.delete(record.id)
+    except Exception:  # the original error matters more; this is best effort
+        logger.warning("could not clean up after the failed enqueue of %s", record.id)
+
+
+async def _read_capped(upload: UploadFile, max_bytes: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(1024 * 1024):
+        size += len(chunk)
+        if size > max_bytes:
+            raise UploadTooLarge(f"The image is larger than the limit of {max_bytes} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse_when_full(services: Services) -> None:
+    depth = sum(services.queue.depth().values())
+    limit = services.settings.api.max_queue_depth
+    if depth >= limit:
+        raise Overloaded(
+            f"{depth} jobs are waiting (limit {limit}); retry later.",
+            retry_after_seconds=services.settings.api.retry_after_seconds,
+        )
+
+
+def _first_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+
+
+@router.get(
+    "/v1/jobs/{job_id}",
+    response_model=JobPublic,
+    responses={404: PROBLEM, 503: PROBLEM},
+    summary="Status, progress and timings of a job",
+)
+def get_job(job_id: str, services: ServicesDep) -> JobPublic:
+    return _public(services.jobs.get(job_id), services)
+
+
+@router.get(
+    "/v1/jobs/{job_id}/result",
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        307: {"description": "Redirect to a presigned URL"},
+        404: PROBLEM,
+        409: PROBLEM,
+    },
+    response_class=Response,
+    summary="The upscaled image, once the job has succeeded",
+)
+def get_result(job_id: str, services: ServicesDep) -> Response:
+    record = services.jobs.get(job_id)
+    if record.status is not JobStatus.SUCCEEDED or record.output is None:
+        raise JobNotFinished(f"Job {job_id} is {record.status.value}; the result is not ready.")
+    if services.settings.api.result_delivery == "redirect":
+        url = services.storage.presigned_url(record.output_key)
+        if url:
+            return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    data = services.storage.get(record.output_key)
+    filename = record.output_key.rsplit("/", 1)[-1]
+    return Response(
+        content=data,
+        media_type=record.output.format.media_type,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobPublic,
+    responses={404: PROBLEM, 409: PROBLEM},
+    summary="Cancel a queued job at once, or a running job at its next step",
+)
+def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
+    return _cancel(job_id, services)
+
+
+@router.post(
+    "/v1/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={404: PROBLEM, 409: PROBLEM},
+    summary="Cancel a job (same as DELETE)",
+)
+def cancel_job_post(job_id: str, services: ServicesDep) -> JobPublic:
+    return _cancel(job_id, services)
+
+
+def _cancel(job_id: str, services: Services) -> JobPublic:
+    jobs = services.jobs
+    if jobs.transition(
+        job_id,
+        from_statuses=[JobStatus.QUEUED],
+        to=JobStatus.CANCELED,
+        finished_at=utcnow(),
+        progress={"stage": "canceled", "step": 0, "total": 0},
+    ):
+        services.queue.cancel(job_id)
+        record = jobs.get(job_id)
+        services.storage.delete(record.input_key)
+        return _public(record, services)
+    record = jobs.get(job_id)
+    if record.status is JobStatus.PROCESSING:
+        jobs.request_cancel(job_id)
+        return _public(jobs.get(job_id), services)
+    raise JobAlreadyFinished(f"Job {job_id} is already {record.status.value}.")
+
+
+@router.get(
+    "/v1/model",
+    response_model=ModelPublic,
+    responses={503: PROBLEM},
+    summary="The model the warm workers serve",
+)
+def get_model(services: ServicesDep) -> ModelPublic:
+    warm = [w for w in services.workers.warm() if w.model is not None]
+    if not warm:
+        raise DependencyUnavailable("No warm worker is serving a model yet.")
+    model = warm[0].model
+    assert model is not None
+    same = sum(1 for w in warm if w.model == model)
+    warnings = []
+    if not model.trained:
+        warnings.append(
+            "The weights are untrained (seeded random initialisation): outputs show the "
+            "pipeline working, not SpaSemSR's quality."
+        )
+    return ModelPublic(**model.model_dump(), workers=same, warnings=warnings)
+
+
+@router.get("/healthz", response_model=HealthPublic, summary="The API process is alive")
+def healthz() -> HealthPublic:
+    return HealthPublic(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=HealthPublic,
+    responses={503: PROBLEM},
+    summary="Redis, storage and at least one warm worker are available",
+)
+def readyz(request: Request, services: ServicesDep) -> HealthPublic | JSONResponse:
+    checks = _readiness(services)
+    if all(value == "ok" for value in checks.values()):
+        return HealthPublic(status="ok", checks=checks)
+    failing = ", ".join(name for name, value in checks.items() if value != "ok")
+    return problem_response(
+        status.HTTP_503_SERVICE_UNAVAILABLE,  # type: ignore[arg-type]
+        type_name="not-ready",
+        title="Not ready",
+        detail=f"Not ready: {failing}.",
+        instance=request.url.path,
+        checks=checks,
+    )
+
+
+def _readiness(services: Services) -> dict[str, str]:
+    checks: dict[str, str] = {}
+    try:
+        services.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    try:
+        services.storage.check()
+        checks["storage"] = "ok"
+    except Exception as exc:
+        checks["storage"] = f"unavailable: {type(exc).__name__}"
+    if checks["redis"] == "ok":
+        checks["workers"] = "ok" if services.workers.warm() else "no warm worker"
+    else:
+        checks["workers"] = "unknown"
+    return checks

@@ -1,0 +1,88 @@
+"""Request and response schemas of the v1 HTTP contract (DESIGN 2.2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from core.jobs import (
+    MAX_CAPTION_CHARS,
+    ColorFix,
+    ImageFormat,
+    ImageInfo,
+    JobErrorInfo,
+    JobParameters,
+    JobStatus,
+    Priority,
+    Progress,
+    SchedulerName,
+)
+from core.workers import ModelInfo
+
+
+class JobCreate(BaseModel):
+    """Form fields of ``POST /v1/jobs`` (beside the ``image`` file part)."""
+
+    scale: Annotated[int, Field(description="Upscaling factor: 2 or 4.")] = 4
+    steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")] = 20
+    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
+    seed: Annotated[int | None, Field(ge=0, le=2**32 - 1)] = None
+    color_fix: ColorFix = "wavelet"
+    scheduler: SchedulerName = "dpmsolver++"
+    tile_size: Annotated[int, Field(ge=256, le=1024, multiple_of=64)] = 512
+    output_format: ImageFormat = ImageFormat.PNG
+    priority: Priority = Priority.DEFAULT
+    tags: Annotated[
+        str | None, Field(max_length=2048, description="Grounding hint: comma-separated tags.")
+    ] = None
+    caption: Annotated[
+        str | None, Field(max_length=MAX_CAPTION_CHARS, description="Grounding hint: a caption.")
+    ] = None
+
+    def parameters(self) -> JobParameters:
+        tags = tuple(t for t in (self.tags or "").split(",") if t.strip())
+        return JobParameters.model_validate(
+            {
+                **self.model_dump(exclude={"priority", "tags"}),
+                "tags": tags,
+            }
+        )
+
+
+class JobLinks(BaseModel):
+    self: str
+    result: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    priority: Priority
+    queue_position: int | None = Field(
+        default=None, description="Jobs ahead of this one (0 = next); null unless queued."
+    )
+    progress: Progress
+    parameters: JobParameters
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    timings: dict[str, float] = Field(description="Seconds per stage.")
+    input: ImageInfo
+    output: ImageInfo | None
+    error: JobErrorInfo | None
+    grounding: dict[str, Any] | None = Field(
+        default=None, description="Tags, boxes and caption the job used, with grounding timings."
+    )
+    links: JobLinks
+
+
+class ModelPublic(ModelInfo):
+    workers: int = Field(description="Warm workers serving this model.")
+    warnings: list[str] = Field(default_factory=list)
+
+
+class HealthPublic(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,166 @@
+"""Upload checks, cheapest first: byte cap (while the body streams in), format sniffed from
+the bytes, pixel cap from the header, and only then a full decode to catch damaged files.
+
+The client's content type is never trusted.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from app.errors import problem_for
+from core.errors import CorruptImage, TooManyPixels, UnsupportedImage, UploadTooLarge
+from core.jobs import ImageFormat
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+MULTIPART_SLACK_BYTES = 64 * 1024
+"""Room for the form fields and part headers on top of the image bytes."""
+
+_PIL_FORMAT = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
+
+
+def sniff_format(head: bytes) -> ImageFormat:
+    """The format by its magic bytes (PNG, JPEG, WebP), whatever the client claimed."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ImageFormat.PNG
+    if head.startswith(b"\xff\xd8\xff"):
+        return ImageFormat.JPEG
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ImageFormat.WEBP
+    if not head:
+        raise UnsupportedImage("The upload is empty.")
+    raise UnsupportedImage("The upload is not a PNG, JPEG or WebP image.")
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    format: ImageFormat
+    width: int
+    height: int
+
+
+def check_image(data: bytes, *, max_bytes: int, max_pixels: int) -> CheckedImage:
+    """Validate an upload completely; raise a typed client error at the first problem."""
+    if len(data) > max_bytes:
+        raise UploadTooLarge(f"The image is {len(data)} bytes; the limit is {max_bytes}.")
+    image_format = sniff_format(data[:16])
+    width, height = _header_size(data, image_format)
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"The image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}."
+        )
+    _decode_fully(data, image_format)
+    return CheckedImage(format=image_format, width=width, height=height)
+
+
+def _header_size(data: bytes, image_format: ImageFormat) -> tuple[int, int]:
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel cap decides, not Pillow's decompression-bomb heuristics.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[image_format]]) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels("The image header declares far too many pixels.") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImage(f"The {image_format.value.upper()} header cannot be read.") from exc
+    if width < 1 or height < 1:
+        raise CorruptImage("The image has no pixels.")
+    return width, height
+
+
+def _decode_fully(data: bytes, image_format: ImageFormat) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[image_format]]) as image:
+                image.load()
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels("The image declares far too many pixels.") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise CorruptImage(
+            f"The {image_format.value.upper()} data is truncated or damaged."
+        ) from exc
+
+
+class UploadLimitMiddleware:
+    """Enforces the byte cap on request bodies while they stream in.
+
+    A declared ``Content-Length`` over the cap is refused before reading anything; a body
+    that grows past the cap (chunked, or lying about its length) is cut off as soon as it does.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._refuse(scope, receive, send)
+            return
+
+        received = 0
+        exceeded = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    exceeded = True
+                    raise UploadTooLarge(self._detail())
+            return message
+
+        response_started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            # Once the cap is crossed, whatever the app answers (the form parser turns the
+            # interruption into a generic 400) is replaced by the 413 it really is.
+            if exceeded:
+                return
+            response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except UploadTooLarge:
+            exceeded = True
+        if exceeded and not response_started:
+            await problem_for(UploadTooLarge(self._detail()), scope.get("path"))(
+                scope, receive, send
+            )
+
+    def _detail(self) -> str:
+        return f"The request body is larger than the limit of {self.max_body_bytes} bytes."
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_for(UploadTooLarge(self._detail()), scope.get("path"))
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

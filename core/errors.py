@@ -1,0 +1,113 @@
+"""Typed errors of the service, named for the condition (DESIGN 3.2, httpx style).
+
+    SpaSemSRError
+    ├── ClientError                     the request is at fault (4xx)
+    │   ├── UploadTooLarge              more bytes than the cap
+    │   ├── TooManyPixels               more pixels than the cap (read from the header)
+    │   ├── UnsupportedImage            not a PNG, JPEG or WebP by its bytes
+    │   ├── CorruptImage                a supported format that does not decode (truncated, damaged)
+    │   ├── InvalidParameters           a parameter out of its bounds
+    │   ├── JobNotFound                 no such job (or it expired)
+    │   ├── JobNotFinished              the result was asked for before the job succeeded
+    │   └── JobAlreadyFinished          cancel asked of a job that already ended
+    ├── Overloaded                      the queue is full: retry later
+    ├── DependencyUnavailable           a backing service is down (503)
+    │   ├── QueueUnavailable            Redis
+    │   └── StorageUnavailable          object storage
+    └── JobError                        recorded on a job that did not succeed
+        ├── JobCanceled                 the user canceled it
+        ├── InputMissing                its input is gone from storage
+        └── UpscaleFailed               the upscaler raised
+
+The mapping to HTTP statuses lives in one place: ``app/errors.py``.
+"""
+
+from __future__ import annotations
+
+
+class SpaSemSRError(Exception):
+    """Base of every error the service reports. ``title`` is short and fixed per class."""
+
+    title = "Internal error"
+
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail or self.title
+        super().__init__(self.detail)
+
+    @classmethod
+    def type_name(cls) -> str:
+        """A stable, kebab-case name for the error class (used in problem ``type`` URIs)."""
+        name = cls.__name__
+        return "".join(f"-{c.lower()}" if c.isupper() else c for c in name).lstrip("-")
+
+
+class ClientError(SpaSemSRError):
+    title = "Bad request"
+
+
+class UploadTooLarge(ClientError):
+    title = "Upload too large"
+
+
+class TooManyPixels(ClientError):
+    title = "Image has too many pixels"
+
+
+class UnsupportedImage(ClientError):
+    title = "Unsupported image format"
+
+
+class CorruptImage(ClientError):
+    title = "Image cannot be decoded"
+
+
+class InvalidParameters(ClientError):
+    title = "Invalid parameters"
+
+
+class JobNotFound(ClientError):
+    title = "Job not found"
+
+
+class JobNotFinished(ClientError):
+    title = "Job has not succeeded"
+
+
+class JobAlreadyFinished(ClientError):
+    title = "Job already finished"
+
+
+class Overloaded(SpaSemSRError):
+    title = "Service overloaded"
+
+    def __init__(self, detail: str | None = None, *, retry_after_seconds: int = 30) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class DependencyUnavailable(SpaSemSRError):
+    title = "Dependency unavailable"
+
+
+class QueueUnavailable(DependencyUnavailable):
+    title = "Job queue unavailable"
+
+
+class StorageUnavailable(DependencyUnavailable):
+    title = "Object storage unavailable"
+
+
+class JobError(SpaSemSRError):
+    title = "Job failed"
+
+
+class JobCanceled(JobError):
+    title = "Job canceled"
+
+
+class InputMissing(JobError):
+    title = "Job input missing"
+
+
+class UpscaleFailed(JobError):
+    title = "Upscaling failed"

@@ -1,0 +1,152 @@
+"""The job contract: request parameters with their bounds, job states, and the queue payload.
+
+Only ids, storage keys and these JSON parameters cross Redis (never image bytes, never pickle).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    DEFAULT = "default"
+    LOW = "low"
+
+
+class ImageFormat(StrEnum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.value}"
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self is ImageFormat.JPEG else self.value
+
+
+ColorFix = Literal["none", "adain", "wavelet"]
+SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+
+MAX_TAGS = 32
+MAX_TAG_CHARS = 64
+MAX_CAPTION_CHARS = 500
+
+
+class JobParameters(BaseModel):
+    """What a client may ask of one job; every field has bounds (DESIGN 1.2 step 8, 2.2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: Literal[2, 4] = 4
+    steps: Annotated[int, Field(ge=1, le=100)] = 20
+    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
+    seed: Annotated[int | None, Field(ge=0, le=2**32 - 1)] = None
+    color_fix: ColorFix = "wavelet"
+    scheduler: SchedulerName = "dpmsolver++"
+    tile_size: Annotated[int, Field(ge=256, le=1024, multiple_of=64)] = 512
+    output_format: ImageFormat = ImageFormat.PNG
+    tags: Annotated[tuple[str, ...], Field(max_length=MAX_TAGS)] = ()
+    """Optional grounding hint: object tags to use."""
+    caption: Annotated[str | None, Field(max_length=MAX_CAPTION_CHARS)] = None
+    """Optional grounding hint: a caption of the scene."""
+
+    @field_validator("tags")
+    @classmethod
+    def _clean_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        cleaned = tuple(tag.strip() for tag in tags if tag.strip())
+        for tag in cleaned:
+            if len(tag) > MAX_TAG_CHARS:
+                raise ValueError(f"tag longer than {MAX_TAG_CHARS} characters")
+        return cleaned
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    format: ImageFormat
+    bytes: int
+
+
+class JobPayload(BaseModel):
+    """The JSON that crosses the queue: ids, storage keys and parameters only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    input_key: str
+    output_key: str
+    input: ImageInfo
+    parameters: JobParameters
+
+
+class Progress(BaseModel):
+    stage: str = "queued"
+    step: int = 0
+    total: int = 0
+
+
+class JobErrorInfo(BaseModel):
+    type: str
+    title: str
+    detail: str
+
+
+class JobRecord(BaseModel):
+    """Everything known about a job; stored in Redis, shown (as ``JobPublic``) to clients."""
+
+    id: str
+    status: JobStatus
+    priority: Priority
+    parameters: JobParameters
+    input: ImageInfo
+    input_key: str
+    output_key: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress = Progress()
+    timings: dict[str, float] = {}
+    output: ImageInfo | None = None
+    error: JobErrorInfo | None = None
+    worker: str | None = None
+    details: dict[str, Any] = {}
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def input_key_for(job_id: str) -> str:
+    return f"inputs/{job_id}"
+
+
+def output_key_for(job_id: str, output_format: ImageFormat) -> str:
+    return f"results/{job_id}.{output_format.extension}"

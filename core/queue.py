@@ -1,0 +1,78 @@
+"""The job queue: RQ with its JSON serializer and three priorities.
+
+The API enqueues by the task's dotted name, so it never imports the worker (or torch).
+"""
+
+from __future__ import annotations
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job, cancel_job
+from rq.serializers import JSONSerializer
+
+from core.jobs import JobPayload, Priority
+
+TASK = "worker.tasks.run_job"
+PRIORITY_ORDER = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
+
+
+class JobQueue:
+    def __init__(self, connection: Redis, *, prefix: str) -> None:
+        self._redis = connection
+        self._queues = {
+            priority: Queue(
+                f"{prefix}-{priority.value}", connection=connection, serializer=JSONSerializer
+            )
+            for priority in PRIORITY_ORDER
+        }
+
+    def queue(self, priority: Priority) -> Queue:
+        return self._queues[priority]
+
+    def queues_for(self, priorities: tuple[str, ...]) -> list[Queue]:
+        """RQ queues in the order a worker should serve them (highest priority first)."""
+        wanted = {Priority(name) for name in priorities}
+        return [self._queues[p] for p in PRIORITY_ORDER if p in wanted]
+
+    def enqueue(
+        self,
+        payload: JobPayload,
+        priority: Priority,
+        *,
+        timeout_seconds: int,
+        keep_seconds: int,
+    ) -> None:
+        self._queues[priority].enqueue_call(
+            TASK,
+            args=(payload.model_dump(mode="json"),),
+            job_id=payload.job_id,
+            timeout=timeout_seconds,
+            result_ttl=keep_seconds,
+            failure_ttl=keep_seconds,
+            description=f"upscale job {payload.job_id}",
+        )
+
+    def position(self, job_id: str, priority: Priority) -> int | None:
+        """0-based place in line across priorities: jobs of higher queues go first."""
+        own = self._queues[priority].get_job_position(job_id)
+        if own is None:
+            return None
+        ahead = sum(self._queues[p].count for p in PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)])
+        return int(ahead + own)
+
+    def cancel(self, job_id: str) -> None:
+        """Take a queued job off its queue; a job RQ no longer knows is already gone."""
+        try:
+            cancel_job(job_id, connection=self._redis, serializer=JSONSerializer)
+        except (NoSuchJobError, InvalidJobOperation):
+            return
+
+    def depth(self) -> dict[Priority, int]:
+        return {p: int(q.count) for p, q in self._queues.items()}
+
+    def fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
+        except NoSuchJobError:
+            return None

@@ -1,0 +1,113 @@
+"""Job records in Redis: one hash per job, one JSON value per field, atomic state transitions.
+
+The queue (RQ) only carries work; this record is what clients see. Each field is written on
+its own so the worker's progress updates never overwrite the API's changes, and every status
+change goes through one Lua script that checks the current status first, so a cancel and a
+worker start cannot both win.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from redis import Redis
+
+from core.errors import JobNotFound
+from core.jobs import JobRecord, JobStatus
+
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return -1 end
+local allowed = cjson.decode(ARGV[1])
+for _, status in ipairs(allowed) do
+  if current == status then
+    redis.call('HSET', KEYS[1], 'status', ARGV[2])
+    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+    return 1
+  end
+end
+return 0
+"""
+
+CANCEL_FIELD = "cancel_requested"
+
+
+class JobStore:
+    def __init__(self, connection: Redis, *, prefix: str, ttl_seconds: int) -> None:
+        self._redis = connection
+        self._prefix = prefix
+        self._ttl_seconds = ttl_seconds
+        self._transition = connection.register_script(_TRANSITION)
+
+    def _key(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    def create(self, record: JobRecord) -> None:
+        key = self._key(record.id)
+        fields = _encode(record.model_dump(mode="json"))
+        with self._redis.pipeline() as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, self._ttl_seconds)
+            pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord:
+        raw = self._redis.hgetall(self._key(job_id))
+        if not raw:
+            raise JobNotFound(f"No job with id {job_id!r} (it may have expired).")
+        fields = {_text(k): json.loads(v) for k, v in raw.items() if _text(k) != CANCEL_FIELD}
+        return JobRecord.model_validate(fields)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self._redis.exists(self._key(job_id)))
+
+    def update(self, job_id: str, **fields: Any) -> None:
+        """Set fields that do not change the status (progress, timings, details)."""
+        self._redis.hset(self._key(job_id), mapping=_encode(fields))
+
+    def transition(
+        self,
+        job_id: str,
+        *,
+        from_statuses: Iterable[JobStatus],
+        to: JobStatus,
+        **fields: Any,
+    ) -> bool:
+        """Move to ``to`` only from one of ``from_statuses``; returns whether it happened."""
+        allowed = json.dumps([json.dumps(status.value) for status in from_statuses])
+        ttl = self._ttl_seconds if to.is_terminal else 0
+        args: list[Any] = [allowed, json.dumps(to.value), ttl]
+        for name, value in _encode(fields).items():
+            args += [name, value]
+        outcome = self._transition(keys=[self._key(job_id)], args=args)
+        if outcome == -1:
+            raise JobNotFound(f"No job with id {job_id!r} (it may have expired).")
+        return bool(outcome == 1)
+
+    def request_cancel(self, job_id: str) -> None:
+        self._redis.hset(self._key(job_id), CANCEL_FIELD, "1")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._redis.hget(self._key(job_id), CANCEL_FIELD) is not None
+
+    def delete(self, job_id: str) -> None:
+        self._redis.delete(self._key(job_id))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode(fields: Mapping[str, Any]) -> dict[Any, str]:  # redis-py keys are a wide union
+    return {name: json.dumps(_jsonable(value)) for name, value in fields.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

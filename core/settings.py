@@ -1,0 +1,97 @@
+"""One settings object for the whole service (pydantic-settings).
+
+Every value can be set from the environment with the ``SPASEMSR_`` prefix and ``__`` between
+a section and its field, e.g. ``SPASEMSR_REDIS__URL=redis://redis:6379/0`` or
+``SPASEMSR_STORAGE__BACKEND=s3``. There is no module-level instance: processes build one with
+``Settings()`` at start-up and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class ApiSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    public_url: str | None = None
+    """Base URL clients use to reach the API (for ``Location`` headers); ``None`` = from request."""
+    max_upload_bytes: int = Field(default=20 * MiB, ge=1)
+    max_input_pixels: int = Field(default=2048 * 2048, ge=1)
+    """Input pixel cap, checked from the image header before anything is decoded."""
+    max_output_pixels: int = Field(default=8192 * 8192, ge=1)
+    max_queue_depth: int = Field(default=1000, ge=1)
+    """Beyond this many queued jobs in all queues, new uploads get 429 with ``Retry-After``."""
+    retry_after_seconds: int = Field(default=30, ge=1)
+    result_delivery: Literal["stream", "redirect"] = "stream"
+    """``redirect`` sends clients to a presigned URL when the storage backend offers one."""
+
+
+class RedisSettings(BaseModel):
+    url: str | None = None
+    """``None``: the project starts its own ``redis-server`` (``spasemsr serve``)."""
+    key_prefix: str = "spasemsr"
+    socket_timeout_seconds: float = Field(default=5.0, gt=0)
+    embedded_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the embedded Redis; 0 picks a free one."""
+
+
+class StorageSettings(BaseModel):
+    backend: Literal["local", "s3"] = "local"
+    local_root: Path | None = None
+    """Root folder of the local backend; ``None`` = ``<var_dir>/storage``."""
+    s3_endpoint_url: str | None = None
+    s3_public_endpoint_url: str | None = None
+    """Endpoint clients can reach, for signing presigned GET URLs (default: the endpoint)."""
+    s3_bucket: str = "spasemsr"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    s3_create_bucket: bool = False
+    presign_expiry_seconds: int = Field(default=900, ge=1, le=7 * 24 * 3600)
+
+
+class WorkerSettings(BaseModel):
+    name: str | None = None
+    queues: tuple[str, ...] = ("high", "default", "low")
+    """Priorities served by this worker, highest first."""
+    job_timeout_seconds: int = Field(default=1800, ge=1)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    """How long job records and results are kept after they finish."""
+
+
+class ModelSettings(BaseModel):
+    upscaler: Literal["spasemsr", "lanczos"] = "spasemsr"
+    path: Path | None = None
+    """SpaSemSR pipeline folder; ``None`` = the tiny demo pipeline built once under ``var/``."""
+    grounder_path: Path | None = None
+    """Grounding models folder; ``None`` = the tiny demo grounder built once under ``var/``."""
+    device: str = "auto"
+    """``auto`` = CUDA when available, else CPU."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPASEMSR_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    var_dir: Path = Path("var")
+    api: ApiSettings = ApiSettings()
+    redis: RedisSettings = RedisSettings()
+    storage: StorageSettings = StorageSettings()
+    worker: WorkerSettings = WorkerSettings()
+    model: ModelSettings = ModelSettings()
+
+    def storage_root(self) -> Path:
+        return self.storage.local_root or self.var_dir / "storage"

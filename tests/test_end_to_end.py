@@ -1,0 +1,124 @@
+"""The whole service as separate processes: uvicorn API, worker(s), redis-server, storage."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+
+from core.embedded_redis import EmbeddedRedis
+from tests.conftest import ServiceProcesses, encode, png_bytes, start_service, wait_for_status
+
+
+@pytest.fixture
+def lanczos_service(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[ServiceProcesses]:
+    service = start_service(redis_server.url, tmp_path, SPASEMSR_MODEL__UPSCALER="lanczos")
+    yield service
+    service.stop()
+
+
+@pytest.mark.parametrize(
+    ("scale", "output_format", "size"),
+    [(2, "png", (31, 17)), (4, "webp", (16, 9)), (4, "jpeg", (7, 5))],
+)
+def test_upload_poll_download(
+    lanczos_service: ServiceProcesses, scale: int, output_format: str, size: tuple[int, int]
+) -> None:
+    with httpx.Client(base_url=lanczos_service.url, timeout=30) as client:
+        created = client.post(
+            "/v1/jobs",
+            files={"image": ("in.png", png_bytes(*size), "image/png")},
+            data={"scale": str(scale), "output_format": output_format},
+        )
+        assert created.status_code == 202, created.text
+        job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"})
+        assert job["status"] == "succeeded", job
+        result = client.get(f"/v1/jobs/{job['id']}/result")
+        assert result.status_code == 200
+        assert result.headers["content-type"] == f"image/{output_format}"
+        image = Image.open(io.BytesIO(result.content))
+        assert image.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[output_format]
+        assert image.size == (size[0] * scale, size[1] * scale)
+        assert job["output"] == {
+            "width": size[0] * scale,
+            "height": size[1] * scale,
+            "format": output_format,
+            "bytes": len(result.content),
+        }
+        timings = job["timings"]
+        assert isinstance(timings, dict)
+        assert {"queue_wait", "read", "upscale", "write", "total"} <= set(timings)
+        assert job["started_at"] and job["finished_at"]
+        assert job["queue_position"] is None
+
+
+def test_model_and_readiness(lanczos_service: ServiceProcesses) -> None:
+    ready = httpx.get(lanczos_service.url + "/readyz").json()
+    assert ready["checks"] == {"redis": "ok", "storage": "ok", "workers": "ok"}
+    model = httpx.get(lanczos_service.url + "/v1/model").json()
+    assert model["name"] == "lanczos"
+    assert model["workers"] == 1
+
+
+def test_jobs_wait_in_line_while_no_worker_runs(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    service = start_service(
+        redis_server.url, tmp_path, workers=0, SPASEMSR_MODEL__UPSCALER="lanczos"
+    )
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            ids = []
+            for priority in ("low", "default", "high"):
+                response = client.post(
+                    "/v1/jobs",
+                    files={"image": ("a.png", png_bytes(), "image/png")},
+                    data={"priority": priority, "scale": "2"},
+                )
+                ids.append(response.json()["id"])
+            positions = [client.get(f"/v1/jobs/{i}").json()["queue_position"] for i in ids]
+            assert positions == [2, 1, 0]  # high first, then default, then low
+            service.start_worker()
+            for job_id in ids:
+                assert wait_for_status(client, job_id, {"succeeded"})["status"] == "succeeded"
+    finally:
+        service.stop()
+
+
+def test_s3_backend_end_to_end_with_presigned_redirect(
+    redis_server: EmbeddedRedis, tmp_path: Path, s3_env: dict[str, str], s3_endpoint: str
+) -> None:
+    service = start_service(
+        redis_server.url,
+        tmp_path,
+        SPASEMSR_MODEL__UPSCALER="lanczos",
+        SPASEMSR_API__RESULT_DELIVERY="redirect",
+        **s3_env,
+    )
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            jpeg = encode(Image.new("RGB", (12, 10), "orange"), "JPEG")
+            created = client.post("/v1/jobs", files={"image": ("a.jpg", jpeg, "image/jpeg")})
+            job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"})
+            assert job["status"] == "succeeded", job
+            redirect = client.get(f"/v1/jobs/{job['id']}/result")
+            assert redirect.status_code == 307
+            assert redirect.headers["location"].startswith(s3_endpoint)
+            result = httpx.get(redirect.headers["location"])
+            assert Image.open(io.BytesIO(result.content)).size == (48, 40)
+        s3 = boto3.client(
+            "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing",
+            aws_secret_access_key="testing", region_name="us-east-1",
+        )  # fmt: skip
+        keys = {
+            o["Key"]
+            for o in s3.list_objects_v2(Bucket=s3_env["SPASEMSR_STORAGE__S3_BUCKET"])["Contents"]
+        }
+        assert keys == {f"results/{job['id']}.png"}  # the input is removed once the job is done
+    finally:
+        service.stop()

@@ -1,0 +1,66 @@
+"""Builds the upscaler that a worker keeps warm, from settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from core.settings import Settings
+from model.lanczos import LanczosUpscaler
+from model.prompt import Grounder
+from model.upscaler import Upscaler
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_upscaler(settings: Settings) -> Upscaler:
+    if settings.model.upscaler == "lanczos":
+        return LanczosUpscaler()
+    return _load_spasemsr(settings)
+
+
+def _load_spasemsr(settings: Settings) -> Upscaler:
+    import torch
+
+    from model.configs import ensure_demo_pipeline
+    from model.spasemsr import SpaSemSRUpscaler
+
+    device = resolve_device(settings.model.device)
+    dtype = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "auto": torch.float32,
+    }[settings.model.dtype]
+    path = settings.model.path or ensure_demo_pipeline(
+        settings.var_dir / "models" / "spasemsr-tiny"
+    )
+    logger.info("loading SpaSemSR from %s on %s (%s)", path, device, dtype)
+    upscaler: Upscaler = SpaSemSRUpscaler.from_pretrained(
+        path, device=device, dtype=dtype, grounder=_load_grounder(settings, device, dtype)
+    )
+    return upscaler
+
+
+def _load_grounder(settings: Settings, device: str, dtype: torch.dtype) -> Grounder | None:
+    try:
+        from model.grounding import SpaSemSRGrounder, ensure_demo_grounder
+    except ImportError:
+        logger.warning("grounding stage not available: the pipeline uses its default prompt")
+        return None
+    path = settings.model.grounder_path or ensure_demo_grounder(
+        settings.var_dir / "models" / "grounder-tiny"
+    )
+    grounder: Grounder = SpaSemSRGrounder.from_pretrained(path, device=device, dtype=dtype)
+    return grounder
