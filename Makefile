@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 # torch is taken as the CPU build here; GPU images install the CUDA build (see Dockerfile).
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install run demo test lint typecheck unit bench bench-full clean
+.PHONY: install system-deps run demo test lint typecheck unit bench bench-full clean
+
+# Debian packages the tests drive for real: Chromium (web page end to end) and Prometheus
+# (promtool rule tests, a real scrape). Installed once when missing; needs root and apt.
+SYSTEM_PACKAGES := chromium prometheus
+SYSTEM_BINARIES := /usr/bin/chromium /usr/bin/promtool
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +21,14 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do test -x $$b || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "note: $(SYSTEM_PACKAGES) not installed; the tests that need them will skip"; fi; \
+	fi
 
 ## The whole service on this machine: embedded Redis, API on 127.0.0.1:$(PORT), one worker.
 run: install
@@ -35,7 +48,7 @@ typecheck: install
 unit: install
 	$(BIN)/python -m pytest
 
-test: lint typecheck unit
+test: system-deps lint typecheck unit
 
 ## Benchmarks (figures, not pass/fail): service latency and throughput, model stages.
 bench: install

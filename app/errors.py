@@ -29,6 +29,10 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SpaSemSRError], HTTPStatus], ...] = (
     (errors.JobNotFound, HTTPStatus.NOT_FOUND),
     (errors.JobNotFinished, HTTPStatus.CONFLICT),
     (errors.JobAlreadyFinished, HTTPStatus.CONFLICT),
+    (errors.Unauthorized, HTTPStatus.UNAUTHORIZED),
+    (errors.Forbidden, HTTPStatus.FORBIDDEN),
+    (errors.IdempotencyKeyInUse, HTTPStatus.CONFLICT),
+    (errors.IdempotencyKeyMismatch, HTTPStatus.UNPROCESSABLE_ENTITY),
     (errors.ClientError, HTTPStatus.BAD_REQUEST),
     (errors.Overloaded, HTTPStatus.TOO_MANY_REQUESTS),
     (errors.DependencyUnavailable, HTTPStatus.SERVICE_UNAVAILABLE),
@@ -69,6 +73,8 @@ def problem_for(error: errors.SpaSemSRError, instance: str | None = None) -> JSO
     headers = None
     if isinstance(error, errors.Overloaded):
         headers = {"Retry-After": str(error.retry_after_seconds)}
+    elif isinstance(error, errors.Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="spasemsr"'}
     detail = error.detail
     if status >= HTTPStatus.INTERNAL_SERVER_ERROR and not isinstance(
         error, errors.DependencyUnavailable

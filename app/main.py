@@ -12,6 +12,7 @@ from app.errors import install_error_handlers
 from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
+from core.limits import IdempotencyKeys, RateLimiter
 from core.queue import JobQueue
 from core.records import JobStore
 from core.redis_conn import connect_redis
@@ -32,6 +33,15 @@ def build_services(settings: Settings) -> Services:
         jobs=JobStore(connection, prefix=prefix, ttl_seconds=settings.worker.record_ttl_seconds),
         queue=JobQueue(connection, prefix=prefix),
         workers=WorkerRegistry(connection, prefix=prefix),
+        limiter=RateLimiter(
+            connection,
+            prefix=prefix,
+            per_minute=settings.api.rate_limit_per_minute,
+            burst=settings.api.rate_limit_burst,
+        ),
+        idempotency=IdempotencyKeys(
+            connection, prefix=prefix, ttl_seconds=settings.api.idempotency_ttl_seconds
+        ),
     )
 
 

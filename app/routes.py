@@ -5,17 +5,19 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
 
 from app.errors import problem_response
 from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelPublic
+from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
 from app.uploads import check_image
 from core.errors import (
     DependencyUnavailable,
+    IdempotencyKeyInUse,
     InvalidParameters,
     JobAlreadyFinished,
     JobNotFinished,
@@ -28,11 +30,13 @@ from core.jobs import (
     JobPayload,
     JobRecord,
     JobStatus,
+    Priority,
     input_key_for,
     new_job_id,
     output_key_for,
     utcnow,
 )
+from core.limits import request_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -73,15 +77,24 @@ def _public(record: JobRecord, services: Services) -> JobPublic:
     "/v1/jobs",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses={code: PROBLEM for code in (413, 415, 422, 429, 503)},
+    responses={code: PROBLEM for code in (401, 409, 413, 415, 422, 429, 503)},
+    dependencies=[RateLimitDep],
     summary="Upload an image and queue an upscaling job",
 )
 async def create_job(
     request: Request,
     services: ServicesDep,
+    principal: PrincipalDep,
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
     form: Annotated[JobCreate, Form()],
     response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Repeat a request safely: the same key returns the same job.",
+        ),
+    ] = None,
 ) -> JobPublic:
     settings = services.settings
     await _refuse_unknown_fields(request)
@@ -105,6 +118,13 @@ async def create_job(
     _refuse_when_full(services)
 
     job_id = new_job_id()
+    if idempotency_key is not None:
+        fingerprint = request_fingerprint(data, parameters.model_dump_json(), form.priority)
+        earlier = services.idempotency.claim(
+            principal.name, idempotency_key, job_id=job_id, fingerprint=fingerprint
+        )
+        if earlier is not None:
+            return _replay(earlier, services, response)
     info = ImageInfo(
         width=checked.width, height=checked.height, format=checked.format, bytes=len(data)
     )
@@ -117,11 +137,12 @@ async def create_job(
         input_key=input_key_for(job_id),
         output_key=output_key_for(job_id, parameters.output_format),
         created_at=utcnow(),
-    )
-    await run_in_threadpool(
-        services.storage.put, record.input_key, data, content_type=checked.format.media_type
+        owner=principal.name if principal.authenticated else None,
     )
     try:
+        await run_in_threadpool(
+            services.storage.put, record.input_key, data, content_type=checked.format.media_type
+        )
         services.jobs.create(record)
         services.queue.enqueue(
             JobPayload(
@@ -138,6 +159,8 @@ async def create_job(
     except BaseException:
         # Nothing half-accepted stays behind: no orphan input, no record without a queue entry.
         await run_in_threadpool(_forget, services, record)
+        if idempotency_key is not None:
+            services.idempotency.release(principal.name, idempotency_key)
         raise
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     logger.info("job %s queued (%dx%d, x%d)", job_id, info.width, info.height, parameters.scale)
@@ -176,14 +199,36 @@ async def _read_capped(upload: UploadFile, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _refuse_when_full(services: Services) -> None:
-    depth = sum(services.queue.depth().values())
-    limit = services.settings.api.max_queue_depth
-    if depth >= limit:
-        raise Overloaded(
-            f"{depth} jobs are waiting (limit {limit}); retry later.",
-            retry_after_seconds=services.settings.api.retry_after_seconds,
+def _replay(job_id: str, services: Services, response: Response) -> JobPublic:
+    if not services.jobs.exists(job_id):
+        raise IdempotencyKeyInUse(
+            "The first request with this Idempotency-Key has not finished; retry shortly."
         )
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    response.headers["Idempotent-Replayed"] = "true"
+    return _public(services.jobs.get(job_id), services)
+
+
+def _refuse_when_full(services: Services) -> None:
+    api = services.settings.api
+    depth = sum(services.queue.depth().values())
+    if depth >= api.max_queue_depth:
+        raise Overloaded(
+            f"{depth} jobs are waiting (limit {api.max_queue_depth}); retry later.",
+            retry_after_seconds=api.retry_after_seconds,
+        )
+    oldest = min(
+        (t for p in Priority if (t := services.queue.oldest_enqueued_at(p)) is not None),
+        default=None,
+    )
+    if oldest is not None:
+        age = (utcnow() - oldest).total_seconds()
+        if age > api.max_queue_age_seconds:
+            raise Overloaded(
+                f"The oldest queued job has waited {age:.0f} s "
+                f"(limit {api.max_queue_age_seconds:.0f} s); retry later.",
+                retry_after_seconds=api.retry_after_seconds,
+            )
 
 
 def _first_message(exc: ValidationError) -> str:
@@ -195,11 +240,13 @@ def _first_message(exc: ValidationError) -> str:
 @router.get(
     "/v1/jobs/{job_id}",
     response_model=JobPublic,
-    responses={404: PROBLEM, 503: PROBLEM},
+    responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 503: PROBLEM},
     summary="Status, progress and timings of a job",
 )
-def get_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return _public(services.jobs.get(job_id), services)
+def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+    record = services.jobs.get(job_id)
+    ensure_access(principal, record)
+    return _public(record, services)
 
 
 @router.get(
@@ -207,14 +254,17 @@ def get_job(job_id: str, services: ServicesDep) -> JobPublic:
     responses={
         200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
         307: {"description": "Redirect to a presigned URL"},
+        401: PROBLEM,
+        403: PROBLEM,
         404: PROBLEM,
         409: PROBLEM,
     },
     response_class=Response,
     summary="The upscaled image, once the job has succeeded",
 )
-def get_result(job_id: str, services: ServicesDep) -> Response:
+def get_result(job_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
     record = services.jobs.get(job_id)
+    ensure_access(principal, record)
     if record.status is not JobStatus.SUCCEEDED or record.output is None:
         raise JobNotFinished(f"Job {job_id} is {record.status.value}; the result is not ready.")
     if services.settings.api.result_delivery == "redirect":
@@ -233,25 +283,26 @@ def get_result(job_id: str, services: ServicesDep) -> Response:
 @router.delete(
     "/v1/jobs/{job_id}",
     response_model=JobPublic,
-    responses={404: PROBLEM, 409: PROBLEM},
+    responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM},
     summary="Cancel a queued job at once, or a running job at its next step",
 )
-def cancel_job(job_id: str, services: ServicesDep) -> JobPublic:
-    return _cancel(job_id, services)
+def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+    return _cancel(job_id, services, principal)
 
 
 @router.post(
     "/v1/jobs/{job_id}/cancel",
     response_model=JobPublic,
-    responses={404: PROBLEM, 409: PROBLEM},
+    responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM},
     summary="Cancel a job (same as DELETE)",
 )
-def cancel_job_post(job_id: str, services: ServicesDep) -> JobPublic:
-    return _cancel(job_id, services)
+def cancel_job_post(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+    return _cancel(job_id, services, principal)
 
 
-def _cancel(job_id: str, services: Services) -> JobPublic:
+def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
     jobs = services.jobs
+    ensure_access(principal, jobs.get(job_id))
     if jobs.transition(
         job_id,
         from_statuses=[JobStatus.QUEUED],
@@ -276,7 +327,7 @@ def _cancel(job_id: str, services: Services) -> JobPublic:
     responses={503: PROBLEM},
     summary="The model the warm workers serve",
 )
-def get_model(services: ServicesDep) -> ModelPublic:
+def get_model(services: ServicesDep, principal: PrincipalDep) -> ModelPublic:
     warm = [w for w in services.workers.warm() if w.model is not None]
     if not warm:
         raise DependencyUnavailable("No warm worker is serving a model yet.")

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from redis import Redis
 
+from core.limits import IdempotencyKeys, RateLimiter
 from core.queue import JobQueue
 from core.records import JobStore
 from core.settings import Settings
@@ -23,6 +24,8 @@ class Services:
     jobs: JobStore
     queue: JobQueue
     workers: WorkerRegistry
+    limiter: RateLimiter
+    idempotency: IdempotencyKeys
 
 
 def _services(request: Request) -> Services:

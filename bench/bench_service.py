@@ -91,7 +91,8 @@ def main() -> None:
     with EmbeddedRedis(work / "redis", appendonly=True) as redis:
         service = start_service(redis.url, work, workers=args.workers,
                                 SPASEMSR_MODEL__UPSCALER="lanczos",
-                                SPASEMSR_API__MAX_QUEUE_DEPTH="100000")  # fmt: skip
+                                SPASEMSR_API__MAX_QUEUE_DEPTH="100000",
+                                SPASEMSR_API__RATE_LIMIT_PER_MINUTE="0")  # fmt: skip
         try:
             with httpx.Client(base_url=service.url, timeout=60) as client:
                 latencies = latency_phase(client, image, args.jobs)

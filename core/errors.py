@@ -9,8 +9,13 @@
     │   ├── InvalidParameters           a parameter out of its bounds
     │   ├── JobNotFound                 no such job (or it expired)
     │   ├── JobNotFinished              the result was asked for before the job succeeded
-    │   └── JobAlreadyFinished          cancel asked of a job that already ended
-    ├── Overloaded                      the queue is full: retry later
+    │   ├── JobAlreadyFinished          cancel asked of a job that already ended
+    │   ├── Unauthorized                no API key, or one that is not known
+    │   ├── Forbidden                   a known key asking for what is not its own
+    │   ├── IdempotencyKeyInUse         the first request with this key is still running
+    │   └── IdempotencyKeyMismatch      the key was used before for a different request
+    ├── Overloaded                      the queue is full or too old: retry later
+    │   └── RateLimited                 this client sent too many jobs: retry later
     ├── DependencyUnavailable           a backing service is down (503)
     │   ├── QueueUnavailable            Redis
     │   └── StorageUnavailable          object storage
@@ -77,12 +82,32 @@ class JobAlreadyFinished(ClientError):
     title = "Job already finished"
 
 
+class Unauthorized(ClientError):
+    title = "Missing or invalid API key"
+
+
+class Forbidden(ClientError):
+    title = "Not allowed"
+
+
+class IdempotencyKeyInUse(ClientError):
+    title = "Idempotency key in use"
+
+
+class IdempotencyKeyMismatch(ClientError):
+    title = "Idempotency key reused for a different request"
+
+
 class Overloaded(SpaSemSRError):
     title = "Service overloaded"
 
     def __init__(self, detail: str | None = None, *, retry_after_seconds: int = 30) -> None:
         super().__init__(detail)
         self.retry_after_seconds = retry_after_seconds
+
+
+class RateLimited(Overloaded):
+    title = "Rate limit exceeded"
 
 
 class DependencyUnavailable(SpaSemSRError):

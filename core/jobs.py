@@ -133,6 +133,8 @@ class JobRecord(BaseModel):
     output: ImageInfo | None = None
     error: JobErrorInfo | None = None
     worker: str | None = None
+    owner: str | None = None
+    """Name of the API key that created the job (``None`` without authentication)."""
     details: dict[str, Any] = {}
 
 

@@ -5,6 +5,8 @@ The API enqueues by the task's dotted name, so it never imports the worker (or t
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from redis import Redis
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -67,6 +69,17 @@ class JobQueue:
             cancel_job(job_id, connection=self._redis, serializer=JSONSerializer)
         except (NoSuchJobError, InvalidJobOperation):
             return
+
+    def oldest_enqueued_at(self, priority: Priority) -> datetime | None:
+        """When the job at the head of a queue was enqueued (``None`` for an empty queue)."""
+        head = self._queues[priority].get_job_ids(0, 1)
+        if not head:
+            return None
+        job = self.fetch(head[0])
+        if job is None or job.enqueued_at is None:
+            return None
+        enqueued = job.enqueued_at
+        return enqueued if enqueued.tzinfo else enqueued.replace(tzinfo=UTC)
 
     def depth(self) -> dict[Priority, int]:
         return {p: int(q.count) for p, q in self._queues.items()}

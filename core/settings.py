@@ -17,6 +17,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1024 * 1024
 
 
+class ApiKey(BaseModel):
+    """A client's key, stored as the SHA-256 of the key (never the key itself)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    admin: bool = False
+    """An admin key may read and cancel every job; other keys only their own."""
+
+
 class ApiSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -28,7 +37,16 @@ class ApiSettings(BaseModel):
     max_output_pixels: int = Field(default=8192 * 8192, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)
     """Beyond this many queued jobs in all queues, new uploads get 429 with ``Retry-After``."""
+    max_queue_age_seconds: float = Field(default=900.0, gt=0)
+    """When the oldest queued job has waited longer than this, new uploads get 429."""
     retry_after_seconds: int = Field(default=30, ge=1)
+    auth_required: bool = False
+    """Production sets this: every request but health checks needs a key from ``keys``."""
+    keys: tuple[ApiKey, ...] = ()
+    rate_limit_per_minute: float = Field(default=600.0, ge=0)
+    """Job submissions per client (API key, or address without one); 0 turns it off."""
+    rate_limit_burst: int = Field(default=100, ge=1)
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     result_delivery: Literal["stream", "redirect"] = "stream"
     """``redirect`` sends clients to a presigned URL when the storage backend offers one."""
 

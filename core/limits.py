@@ -1,0 +1,92 @@
+"""Per-client rate limits and idempotency keys, kept in Redis so every API process agrees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+
+from redis import Redis
+
+from core.errors import IdempotencyKeyMismatch
+
+# Token bucket: capacity ``burst``, refilled at ``rate`` tokens per second. One script, so
+# concurrent API processes cannot both spend the last token.
+_TAKE_TOKEN = """
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens') or ARGV[2])
+local stamp = tonumber(redis.call('HGET', KEYS[1], 'stamp') or ARGV[3])
+local rate, burst, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate)
+local allowed = 0
+if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(tokens)}
+"""
+
+
+class RateLimiter:
+    def __init__(self, connection: Redis, *, prefix: str, per_minute: float, burst: int) -> None:
+        self._prefix = f"{prefix}:rate:"
+        self._rate = per_minute / 60.0
+        self._burst = burst
+        self._take = connection.register_script(_TAKE_TOKEN)
+
+    @property
+    def enabled(self) -> bool:
+        return self._rate > 0
+
+    def try_acquire(self, client: str) -> float:
+        """Spend one token; returns 0 when allowed, else the seconds until one is available."""
+        if not self.enabled:
+            return 0.0
+        key = self._prefix + hashlib.sha256(client.encode()).hexdigest()[:32]
+        allowed, tokens = self._take(keys=[key], args=[self._rate, self._burst, time.time()])
+        if int(allowed) == 1:
+            return 0.0
+        return max(0.001, (1.0 - float(tokens)) / self._rate)
+
+
+def retry_after_header(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+class IdempotencyKeys:
+    """Maps a client's ``Idempotency-Key`` to the job its first request created."""
+
+    def __init__(self, connection: Redis, *, prefix: str, ttl_seconds: int) -> None:
+        self._redis = connection
+        self._prefix = f"{prefix}:idempotency:"
+        self._ttl_seconds = ttl_seconds
+
+    def _key(self, owner: str, key: str) -> str:
+        return self._prefix + hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
+
+    def claim(self, owner: str, key: str, *, job_id: str, fingerprint: str) -> str | None:
+        """Claim the key for a new job; returns the earlier job's id if it was claimed before.
+
+        Raises ``IdempotencyKeyMismatch`` when the earlier request was a different one.
+        """
+        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+        if self._redis.set(self._key(owner, key), value, nx=True, ex=self._ttl_seconds):
+            return None
+        raw = self._redis.get(self._key(owner, key))
+        if raw is None:  # expired between the two calls: claim again
+            return self.claim(owner, key, job_id=job_id, fingerprint=fingerprint)
+        earlier = json.loads(raw)
+        if earlier["fingerprint"] != fingerprint:
+            raise IdempotencyKeyMismatch(
+                "This Idempotency-Key was used for a different image or different parameters."
+            )
+        return str(earlier["job_id"])
+
+    def release(self, owner: str, key: str) -> None:
+        self._redis.delete(self._key(owner, key))
+
+
+def request_fingerprint(image: bytes, parameters_json: str, priority: str) -> str:
+    digest = hashlib.sha256(image)
+    digest.update(parameters_json.encode())
+    digest.update(priority.encode())
+    return digest.hexdigest()
