@@ -23,6 +23,7 @@ PROBLEM_TYPE_BASE = "https://spasemsr.dev/problems/"
 STATUS_BY_ERROR: tuple[tuple[type[errors.SpaSemSRError], HTTPStatus], ...] = (
     (errors.UploadTooLarge, HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
     (errors.TooManyPixels, HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+    (errors.UploadTimeout, HTTPStatus.REQUEST_TIMEOUT),
     (errors.UnsupportedImage, HTTPStatus.UNSUPPORTED_MEDIA_TYPE),
     (errors.CorruptImage, HTTPStatus.UNPROCESSABLE_ENTITY),
     (errors.InvalidParameters, HTTPStatus.UNPROCESSABLE_ENTITY),

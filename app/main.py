@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
+from app.metrics import ApiMetrics, HttpMetricsMiddleware, metrics_endpoint
 from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
@@ -69,5 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         UploadLimitMiddleware,
         max_body_bytes=settings.api.max_upload_bytes + MULTIPART_SLACK_BYTES,
+        idle_timeout_seconds=settings.api.upload_idle_timeout_seconds,
     )
+    # Prometheus (DESIGN 2.3): added last, so it is the outermost and times whole requests.
+    app.state.metrics = metrics = ApiMetrics(lambda: getattr(app.state, "services", None))
+    app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return app

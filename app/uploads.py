@@ -6,6 +6,8 @@ The client's content type is never trusted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import warnings
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -15,7 +17,14 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from app.errors import problem_for
-from core.errors import CorruptImage, TooManyPixels, UnsupportedImage, UploadTooLarge
+from core.errors import (
+    ClientError,
+    CorruptImage,
+    TooManyPixels,
+    UnsupportedImage,
+    UploadTimeout,
+    UploadTooLarge,
+)
 from core.jobs import ImageFormat
 
 Scope = MutableMapping[str, Any]
@@ -27,6 +36,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MULTIPART_SLACK_BYTES = 64 * 1024
 """Room for the form fields and part headers on top of the image bytes."""
 
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _PIL_FORMAT = {ImageFormat.PNG: "PNG", ImageFormat.JPEG: "JPEG", ImageFormat.WEBP: "WEBP"}
 
 
@@ -71,6 +82,8 @@ def _header_size(data: bytes, image_format: ImageFormat) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[image_format]]) as image:
                 width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS:
+                    width, height = height, width  # the worker applies the orientation
     except Image.DecompressionBombError as exc:
         raise TooManyPixels("The image header declares far too many pixels.") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -95,15 +108,20 @@ def _decode_fully(data: bytes, image_format: ImageFormat) -> None:
 
 
 class UploadLimitMiddleware:
-    """Enforces the byte cap on request bodies while they stream in.
+    """Guards request bodies while they stream in: a byte cap and an idle timeout.
 
     A declared ``Content-Length`` over the cap is refused before reading anything; a body
-    that grows past the cap (chunked, or lying about its length) is cut off as soon as it does.
+    that grows past the cap (chunked, or lying about its length) is cut off as soon as it
+    does; a client that stops sending mid-body for ``idle_timeout_seconds`` gets a 408, so a
+    slow upload cannot hold a connection forever.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, idle_timeout_seconds: float = 30.0
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.idle_timeout_seconds = idle_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
@@ -111,47 +129,52 @@ class UploadLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await self._refuse(scope, receive, send)
+            await self._answer(UploadTooLarge(self._too_large()), scope, receive, send)
             return
 
         received = 0
-        exceeded = False
+        body_done = False
+        failure: ClientError | None = None
+        response_started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, body_done, failure
+            if body_done:  # after the body, receive() waits for a disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_seconds)
+            except TimeoutError:
+                failure = UploadTimeout(
+                    f"No data for {self.idle_timeout_seconds:.0f} s in the middle of the upload."
+                )
+                raise failure from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body_bytes:
-                    exceeded = True
-                    raise UploadTooLarge(self._detail())
+                    failure = UploadTooLarge(self._too_large())
+                    raise failure
             return message
-
-        response_started = False
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
-            # Once the cap is crossed, whatever the app answers (the form parser turns the
-            # interruption into a generic 400) is replaced by the 413 it really is.
-            if exceeded:
+            # Once the body is refused, whatever the app answers (the form parser turns the
+            # interruption into a generic 400) is replaced by the error it really is.
+            if failure is not None:
                 return
             response_started = True
             await send(message)
 
-        try:
-            await self.app(scope, counting_receive, guarded_send)
-        except UploadTooLarge:
-            exceeded = True
-        if exceeded and not response_started:
-            await problem_for(UploadTooLarge(self._detail()), scope.get("path"))(
-                scope, receive, send
-            )
+        with contextlib.suppress(UploadTooLarge, UploadTimeout):
+            await self.app(scope, guarded_receive, guarded_send)
+        if failure is not None and not response_started:
+            await self._answer(failure, scope, receive, send)
 
-    def _detail(self) -> str:
+    def _too_large(self) -> str:
         return f"The request body is larger than the limit of {self.max_body_bytes} bytes."
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_for(UploadTooLarge(self._detail()), scope.get("path"))
+    async def _answer(self, error: ClientError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_for(error, scope.get("path"))
         response.headers["Connection"] = "close"
         await response(scope, receive, send)
 

@@ -3,6 +3,7 @@
     SpaSemSRError
     ├── ClientError                     the request is at fault (4xx)
     │   ├── UploadTooLarge              more bytes than the cap
+    │   ├── UploadTimeout               the client stopped sending in the middle of the body
     │   ├── TooManyPixels               more pixels than the cap (read from the header)
     │   ├── UnsupportedImage            not a PNG, JPEG or WebP by its bytes
     │   ├── CorruptImage                a supported format that does not decode (truncated, damaged)
@@ -52,6 +53,10 @@ class ClientError(SpaSemSRError):
 
 class UploadTooLarge(ClientError):
     title = "Upload too large"
+
+
+class UploadTimeout(ClientError):
+    title = "Upload too slow"
 
 
 class TooManyPixels(ClientError):

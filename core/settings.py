@@ -32,6 +32,8 @@ class ApiSettings(BaseModel):
     public_url: str | None = None
     """Base URL clients use to reach the API (for ``Location`` headers); ``None`` = from request."""
     max_upload_bytes: int = Field(default=20 * MiB, ge=1)
+    upload_idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A client silent this long in the middle of an upload gets 408."""
     max_input_pixels: int = Field(default=2048 * 2048, ge=1)
     """Input pixel cap, checked from the image header before anything is decoded."""
     max_output_pixels: int = Field(default=8192 * 8192, ge=1)
@@ -84,6 +86,12 @@ class WorkerSettings(BaseModel):
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """How long job records and results are kept after they finish."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the worker's own ``/metrics`` endpoint (containers set ``0.0.0.0``)."""
+    metrics_port: int | None = Field(default=9100, ge=0, le=65535)
+    """One scrape port per worker process; ``None`` turns the endpoint off."""
+    metrics_port_span: int = Field(default=16, ge=1, le=1024)
+    """Several workers on one host take the first free port of ``metrics_port`` + 0..span-1."""
 
 
 class ModelSettings(BaseModel):

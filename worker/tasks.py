@@ -5,25 +5,18 @@ The API enqueues ``worker.tasks.run_job`` by name with the JSON payload of ``cor
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
 
-from PIL import Image, ImageOps
-
 from core.errors import JobCanceled, JobError, SpaSemSRError, UpscaleFailed
-from core.jobs import ImageFormat, ImageInfo, JobErrorInfo, JobPayload, JobStatus, utcnow
+from core.jobs import ImageInfo, JobErrorInfo, JobPayload, JobStatus, utcnow
 from model.upscaler import UpscaleOptions
+from worker import imaging
+from worker.metrics import current_metrics
 from worker.runtime import WorkerRuntime, current_runtime
 
 logger = logging.getLogger(__name__)
-
-_SAVE_OPTIONS: dict[ImageFormat, dict[str, Any]] = {
-    ImageFormat.PNG: {"format": "PNG", "compress_level": 4},
-    ImageFormat.JPEG: {"format": "JPEG", "quality": 95, "subsampling": 0},
-    ImageFormat.WEBP: {"format": "WEBP", "quality": 95, "method": 4},
-}
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +46,7 @@ class JobRunner:
             return {"status": "skipped"}
         record = jobs.get(self.job.job_id)
         self.timings["queue_wait"] = (started_at - record.created_at).total_seconds()
+        current_metrics().observe_queue_wait(record.priority.value, self.timings["queue_wait"])
         began = time.perf_counter()
         with self.runtime.busy():
             try:
@@ -72,25 +66,31 @@ class JobRunner:
 
     def _process(self) -> ImageInfo:
         storage = self.runtime.storage
+        parameters = self.job.parameters
         with self._timed("read"):
-            image = _decode(storage.get(self.job.input_key))
+            decoded = imaging.decode(storage.get(self.job.input_key))
+            padded, original_size = imaging.pad_to_minimum(decoded.rgb)
         result = self.runtime.upscaler.upscale(
-            image, self._options(), on_progress=self._on_progress
+            padded, self._options(), on_progress=self._on_progress
         )
+        current_metrics().observe_inference(result.timings)
         for stage, seconds in result.timings.items():
             self.timings["upscale" if stage == "total" else stage] = float(seconds)
         if result.details:
             self.runtime.jobs.update(self.job.job_id, details=dict(result.details))
         self._on_progress("write", 0, 1)
-        output_format = self.job.parameters.output_format
         with self._timed("write"):
-            data = _encode(result.image, output_format)
-            storage.put(self.job.output_key, data, content_type=output_format.media_type)
+            image = imaging.finish(
+                result.image,
+                decoded,
+                original_size=original_size,
+                scale=parameters.scale,
+                output_format=parameters.output_format,
+            )
+            data = imaging.encode(image, parameters.output_format)
+            storage.put(self.job.output_key, data, content_type=parameters.output_format.media_type)
         return ImageInfo(
-            width=result.image.width,
-            height=result.image.height,
-            format=output_format,
-            bytes=len(data),
+            width=image.width, height=image.height, format=parameters.output_format, bytes=len(data)
         )
 
     def _options(self) -> UpscaleOptions:
@@ -122,6 +122,7 @@ class JobRunner:
         error: SpaSemSRError | None = None,
     ) -> dict[str, Any]:
         self.timings["total"] = time.perf_counter() - began
+        current_metrics().count_job(status)
         fields: dict[str, Any] = {
             "finished_at": utcnow(),
             "timings": self.timings,
@@ -161,16 +162,3 @@ class _Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.timings[self.stage] = time.perf_counter() - self.began
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)  # animated images: the first frame is the one upscaled
-        oriented = ImageOps.exif_transpose(image)
-        return oriented.convert("RGB")
-
-
-def _encode(image: Image.Image, output_format: ImageFormat) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, **_SAVE_OPTIONS[output_format])
-    return buffer.getvalue()
