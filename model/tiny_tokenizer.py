@@ -4,11 +4,13 @@ No machine here reaches a model hub, so tiny configurations cannot fetch a real 
 This one has every byte as a token (with and without the end-of-word marker) plus merges
 learned by counting pairs over a word list, so common words become one or a few tokens
 while any text still tokenises. It is saved in the standard ``vocab.json`` / ``merges.txt``
-layout and loaded back with transformers' ``CLIPTokenizer`` (backed by ``tokenizers``, so it gives offsets).
+layout and loaded back with transformers' ``CLIPTokenizer`` (backed by ``tokenizers``, so it
+gives offsets).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -22,20 +24,26 @@ END_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 
 
+def _byte_alphabet() -> dict[int, str]:
+    """CLIP's byte-to-printable-character table (the byte-level BPE alphabet)."""
+    table: dict[int, str] = bytes_to_unicode()  # type: ignore[no-untyped-call]
+    return table
+
+
 def _learn_merges(words: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
     """Greedy BPE over a word list: repeatedly merge the most frequent adjacent pair."""
-    byte_to_char = bytes_to_unicode()
+    byte_to_char = _byte_alphabet()
     corpus: Counter[tuple[str, ...]] = Counter()
     for word in words:
-        symbols = [byte_to_char[b] for b in word.lower().encode("utf-8")]
-        if symbols:
-            symbols[-1] += END_OF_WORD
-            corpus[tuple(symbols)] += 1
+        chars = [byte_to_char[b] for b in word.lower().encode("utf-8")]
+        if chars:
+            chars[-1] += END_OF_WORD
+            corpus[tuple(chars)] += 1
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in corpus.items():
-            for pair in zip(symbols, symbols[1:], strict=False):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += count
         if not pairs:
             break
@@ -65,7 +73,7 @@ def write_tiny_clip_tokenizer(
 ) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and the tokenizer config into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    base = list(bytes_to_unicode().values())
+    base = list(_byte_alphabet().values())
     vocab_tokens = base + [c + END_OF_WORD for c in base]
     merges = _learn_merges(words, num_merges)
     vocab_tokens += ["".join(pair) for pair in merges]
@@ -76,7 +84,7 @@ def write_tiny_clip_tokenizer(
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # the backend takes (left, right) pairs
         model_max_length=max_length,
         pad_token=END_TOKEN,
     )
