@@ -37,6 +37,8 @@ from core.jobs import (
     utcnow,
 )
 from core.limits import request_fingerprint
+from core.settings import Settings
+from core.webhooks import WebhookRefused, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ async def create_job(
             f"At scale {parameters.scale} the output would be {output_pixels} pixels; "
             f"the limit is {settings.api.max_output_pixels}."
         )
+    if form.webhook_url is not None:
+        await run_in_threadpool(_check_webhook, form.webhook_url, settings)
     _refuse_when_full(services)
 
     job_id = new_job_id()
@@ -138,6 +142,7 @@ async def create_job(
         output_key=output_key_for(job_id, parameters.output_format),
         created_at=utcnow(),
         owner=principal.name if principal.authenticated else None,
+        webhook_url=form.webhook_url,
     )
     try:
         await run_in_threadpool(
@@ -197,6 +202,12 @@ async def _read_capped(upload: UploadFile, max_bytes: int) -> bytes:
             raise UploadTooLarge(f"The image is larger than the limit of {max_bytes} bytes.")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _check_webhook(url: str, settings: Settings) -> None:
+    if settings.webhooks.secret is None:
+        raise WebhookRefused("Webhooks are not enabled on this service.")
+    check_url(url, allow_networks=settings.webhooks.allow_networks)
 
 
 def _replay(job_id: str, services: Services, response: Response) -> JobPublic:
@@ -313,6 +324,10 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
         services.queue.cancel(job_id)
         record = jobs.get(job_id)
         services.storage.delete(record.input_key)
+        if record.webhook_url:
+            services.queue.enqueue_webhook(
+                job_id, retry_intervals=services.settings.webhooks.retry_intervals_seconds
+            )
         return _public(record, services)
     record = jobs.get(job_id)
     if record.status is JobStatus.PROCESSING:

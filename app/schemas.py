@@ -40,12 +40,16 @@ class JobCreate(BaseModel):
     caption: Annotated[
         str | None, Field(max_length=MAX_CAPTION_CHARS, description="Grounding hint: a caption.")
     ] = None
+    webhook_url: Annotated[
+        str | None,
+        Field(max_length=2048, description="POSTed (HMAC-signed) when the job ends."),
+    ] = None
 
     def parameters(self) -> JobParameters:
         tags = tuple(t for t in (self.tags or "").split(",") if t.strip())
         return JobParameters.model_validate(
             {
-                **self.model_dump(exclude={"priority", "tags"}),
+                **self.model_dump(exclude={"priority", "tags", "webhook_url"}),
                 "tags": tags,
             }
         )

@@ -135,6 +135,9 @@ class JobRecord(BaseModel):
     worker: str | None = None
     owner: str | None = None
     """Name of the API key that created the job (``None`` without authentication)."""
+    webhook_url: str | None = None
+    webhook: dict[str, Any] | None = None
+    """Delivery state of the completion webhook: status, attempts, last error."""
     details: dict[str, Any] = {}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, cancel_job
 from rq.serializers import JSONSerializer
@@ -16,6 +16,7 @@ from rq.serializers import JSONSerializer
 from core.jobs import JobPayload, Priority
 
 TASK = "worker.tasks.run_job"
+WEBHOOK_TASK = "worker.webhooks.deliver_job_webhook"
 PRIORITY_ORDER = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
 
 
@@ -28,6 +29,9 @@ class JobQueue:
             )
             for priority in PRIORITY_ORDER
         }
+        self._webhooks = Queue(
+            f"{prefix}-webhooks", connection=connection, serializer=JSONSerializer
+        )
 
     def queue(self, priority: Priority) -> Queue:
         return self._queues[priority]
@@ -35,7 +39,21 @@ class JobQueue:
     def queues_for(self, priorities: tuple[str, ...]) -> list[Queue]:
         """RQ queues in the order a worker should serve them (highest priority first)."""
         wanted = {Priority(name) for name in priorities}
-        return [self._queues[p] for p in PRIORITY_ORDER if p in wanted]
+        # Webhook deliveries come last: short HTTP calls that never delay a waiting image.
+        return [self._queues[p] for p in PRIORITY_ORDER if p in wanted] + [self._webhooks]
+
+    def enqueue_webhook(self, job_id: str, *, retry_intervals: tuple[int, ...]) -> None:
+        self._webhooks.enqueue_call(
+            WEBHOOK_TASK,
+            args=(job_id,),
+            timeout=60,
+            result_ttl=3600,
+            failure_ttl=7 * 24 * 3600,
+            retry=Retry(max=len(retry_intervals), interval=list(retry_intervals))
+            if retry_intervals
+            else None,
+            description=f"webhook for job {job_id}",
+        )
 
     def enqueue(
         self,

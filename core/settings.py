@@ -94,6 +94,16 @@ class WorkerSettings(BaseModel):
     """Several workers on one host take the first free port of ``metrics_port`` + 0..span-1."""
 
 
+class WebhookSettings(BaseModel):
+    secret: SecretStr | None = None
+    """HMAC key for signatures; webhooks are refused (422) while it is unset."""
+    allow_networks: tuple[str, ...] = ()
+    """CIDRs that may receive webhooks although private (e.g. ``10.0.0.0/8`` inside a VPC)."""
+    timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_intervals_seconds: tuple[int, ...] = (5, 30, 120, 600, 1800)
+    """Waits before each retry; their count is the number of retries."""
+
+
 class ModelSettings(BaseModel):
     upscaler: Literal["spasemsr", "lanczos"] = "spasemsr"
     path: Path | None = None
@@ -117,6 +127,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     storage: StorageSettings = StorageSettings()
     worker: WorkerSettings = WorkerSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     model: ModelSettings = ModelSettings()
 
     def storage_root(self) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from core.jobs import utcnow
+from core.queue import JobQueue
 from core.records import JobStore
 from core.settings import Settings
 from core.storage import ObjectStorage
@@ -34,6 +35,8 @@ class WorkerRuntime:
     jobs: JobStore
     registry: WorkerRegistry
     warmup_seconds: float
+    queue: JobQueue | None = None
+    """Where follow-up work (webhook deliveries) is queued; ``None`` in unit tests."""
     state: WorkerState = WorkerState.IDLE
     started_at: datetime = field(default_factory=utcnow)
 

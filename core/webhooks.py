@@ -1,0 +1,134 @@
+"""Job-completion webhooks: HMAC-signed, retried with backoff, never sent to internal addresses.
+
+A webhook URL is checked when the job is submitted and again, after a fresh DNS resolution,
+at every delivery attempt; the request then goes to the very address that was checked (the
+``Host`` header and TLS server name keep the original host name), so a DNS answer that
+changes between the check and the connection cannot redirect it inside the network.
+Private, loopback, link-local (cloud metadata), multicast and reserved addresses are refused
+unless an operator allowlists them.
+
+Signature header: ``X-SpaSemSR-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
+"<t>.<body>" with the shared secret>``; receivers should also reject stale timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+import httpx
+
+from core.errors import InvalidParameters
+
+logger = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-SpaSemSR-Signature"
+MAX_URL_LENGTH = 2048
+Resolver = Callable[[str, int], list[str]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class WebhookRefused(InvalidParameters):
+    title = "Webhook URL not allowed"
+
+
+def resolve(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def _is_public(address: IPAddress) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    # is_global excludes private, loopback, link-local, shared (CGNAT) and reserved ranges.
+    return address.is_global and not address.is_multicast
+
+
+def _allowed(address: IPAddress, allow_networks: Iterable[str]) -> bool:
+    return _is_public(address) or any(
+        address in ipaddress.ip_network(network, strict=False) for network in allow_networks
+    )
+
+
+def check_url(
+    url: str, *, allow_networks: Iterable[str] = (), resolver: Resolver = resolve
+) -> tuple[SplitResult, str]:
+    """Validate a webhook URL; returns it parsed and the address to connect to."""
+    if len(url) > MAX_URL_LENGTH:
+        raise WebhookRefused(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise WebhookRefused("The webhook URL must be an absolute http or https URL.")
+    if parts.username or parts.password:
+        raise WebhookRefused("The webhook URL must not carry credentials.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = resolver(parts.hostname, port)
+    except (OSError, UnicodeError) as exc:
+        raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.") from exc
+    if not addresses:
+        raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.")
+    networks = list(allow_networks)
+    for text in addresses:
+        if not _allowed(ipaddress.ip_address(text), networks):
+            raise WebhookRefused(
+                "The webhook URL points at a private, loopback, link-local or reserved address."
+            )
+    return parts, addresses[0]
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+def verify(secret: str, body: bytes, header: str, *, tolerance_seconds: int = 300) -> bool:
+    """What a receiver does; used by the tests and offered to Python users."""
+    fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    try:
+        timestamp = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - timestamp) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(sign(secret, body, timestamp), header)
+
+
+def deliver(
+    url: str,
+    payload: dict[str, Any],
+    *,
+    secret: str,
+    allow_networks: Iterable[str] = (),
+    timeout_seconds: float = 5.0,
+    resolver: Resolver = resolve,
+) -> int:
+    """One delivery attempt; raises on a refused URL, a network error or a non-2xx answer."""
+    parts, address = check_url(url, allow_networks=allow_networks, resolver=resolver)
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    pinned = ipaddress.ip_address(address)
+    host = f"[{pinned}]" if pinned.version == 6 else str(pinned)
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    headers = {
+        "Host": parts.netloc,
+        "Content-Type": "application/json",
+        "User-Agent": "spasemsr-serve-webhook/1",
+        SIGNATURE_HEADER: sign(secret, body, int(time.time())),
+    }
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    with httpx.Client(timeout=timeout_seconds, follow_redirects=False) as client:
+        response = client.post(target, content=body, headers=headers, extensions=extensions)
+    if not response.is_success:
+        raise httpx.HTTPStatusError(
+            f"webhook answered {response.status_code}", request=response.request, response=response
+        )
+    return response.status_code
