@@ -37,6 +37,7 @@ from core.jobs import (
     utcnow,
 )
 from core.limits import request_fingerprint
+from core.recovery import expire_if_stale
 from core.settings import Settings
 from core.webhooks import WebhookRefused, check_url
 
@@ -54,7 +55,7 @@ def _links(job_id: str) -> JobLinks:
 def _public(record: JobRecord, services: Services) -> JobPublic:
     position = None
     if record.status is JobStatus.QUEUED:
-        position = services.queue.position(record.id, record.priority)
+        position = services.queue.position(record.rq_job_id or record.id, record.priority)
     grounding = record.details.get("grounding")
     return JobPublic(
         id=record.id,
@@ -257,6 +258,13 @@ def _first_message(exc: ValidationError) -> str:
 def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     record = services.jobs.get(job_id)
     ensure_access(principal, record)
+    record = expire_if_stale(
+        record,
+        jobs=services.jobs,
+        queue=services.queue,
+        storage=services.storage,
+        ttl_seconds=services.settings.worker.queue_ttl_seconds,
+    )
     return _public(record, services)
 
 
@@ -321,8 +329,8 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
         finished_at=utcnow(),
         progress={"stage": "canceled", "step": 0, "total": 0},
     ):
-        services.queue.cancel(job_id)
         record = jobs.get(job_id)
+        services.queue.cancel(record.rq_job_id or job_id)
         services.storage.delete(record.input_key)
         if record.webhook_url:
             services.queue.enqueue_webhook(

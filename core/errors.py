@@ -23,6 +23,10 @@
     └── JobError                        recorded on a job that did not succeed
         ├── JobCanceled                 the user canceled it
         ├── InputMissing                its input is gone from storage
+        ├── QueueTimeout                it waited in the queue longer than its time-to-live
+        ├── RunTimeout                  it ran longer than the run timeout
+        ├── WorkerLost                  its workers kept dying (bounded retries used up)
+        ├── OutOfMemory                 the device ran out of memory even with smaller tiles
         └── UpscaleFailed               the upscaler raised
 
 The mapping to HTTP statuses lives in one place: ``app/errors.py``.
@@ -137,6 +141,22 @@ class JobCanceled(JobError):
 
 class InputMissing(JobError):
     title = "Job input missing"
+
+
+class QueueTimeout(JobError):
+    title = "Waited too long in the queue"
+
+
+class RunTimeout(JobError):
+    title = "Ran too long"
+
+
+class WorkerLost(JobError):
+    title = "Worker lost"
+
+
+class OutOfMemory(JobError):
+    title = "Out of device memory"
 
 
 class UpscaleFailed(JobError):

@@ -133,12 +133,26 @@ class JobRecord(BaseModel):
     output: ImageInfo | None = None
     error: JobErrorInfo | None = None
     worker: str | None = None
+    attempts: int = 0
+    """How many times a worker started this job (a worker that died counts)."""
+    rq_job_id: str | None = None
+    """The queue entry of the current attempt (``None`` = the job id itself)."""
     owner: str | None = None
     """Name of the API key that created the job (``None`` without authentication)."""
     webhook_url: str | None = None
     webhook: dict[str, Any] | None = None
     """Delivery state of the completion webhook: status, attempts, last error."""
     details: dict[str, Any] = {}
+
+
+def payload_for(record: JobRecord) -> JobPayload:
+    return JobPayload(
+        job_id=record.id,
+        input_key=record.input_key,
+        output_key=record.output_key,
+        input=record.input,
+        parameters=record.parameters,
+    )
 
 
 def new_job_id() -> str:

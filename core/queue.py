@@ -5,7 +5,7 @@ The API enqueues by the task's dotted name, so it never imports the worker (or t
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from redis import Redis
 from rq import Queue, Retry
@@ -62,16 +62,24 @@ class JobQueue:
         *,
         timeout_seconds: int,
         keep_seconds: int,
+        rq_job_id: str | None = None,
+        delay_seconds: float = 0.0,
     ) -> None:
-        self._queues[priority].enqueue_call(
+        """Queue a job; a retry uses its own queue entry id and may wait ``delay_seconds``."""
+        queue = self._queues[priority]
+        job = queue.create_job(
             TASK,
             args=(payload.model_dump(mode="json"),),
-            job_id=payload.job_id,
+            job_id=rq_job_id or payload.job_id,
             timeout=timeout_seconds,
             result_ttl=keep_seconds,
             failure_ttl=keep_seconds,
             description=f"upscale job {payload.job_id}",
         )
+        if delay_seconds > 0:
+            queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay_seconds))
+        else:
+            queue.enqueue_job(job)
 
     def position(self, job_id: str, priority: Priority) -> int | None:
         """0-based place in line across priorities: jobs of higher queues go first."""

@@ -20,11 +20,12 @@ from core.jobs import JobRecord, JobStatus
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return -1 end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[4] then return 0 end
 local allowed = cjson.decode(ARGV[1])
 for _, status in ipairs(allowed) do
   if current == status then
     redis.call('HSET', KEYS[1], 'status', ARGV[2])
-    for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
     if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
     return 1
   end
@@ -73,12 +74,18 @@ class JobStore:
         *,
         from_statuses: Iterable[JobStatus],
         to: JobStatus,
+        held_by: str | None = None,
         **fields: Any,
     ) -> bool:
-        """Move to ``to`` only from one of ``from_statuses``; returns whether it happened."""
+        """Move to ``to`` only from one of ``from_statuses``; returns whether it happened.
+
+        With ``held_by``, only while that worker still holds the job: a worker presumed dead
+        whose job was handed to another cannot overwrite the other's outcome.
+        """
         allowed = json.dumps([json.dumps(status.value) for status in from_statuses])
         ttl = self._ttl_seconds if to.is_terminal else 0
-        args: list[Any] = [allowed, json.dumps(to.value), ttl]
+        holder = json.dumps(held_by) if held_by is not None else ""
+        args: list[Any] = [allowed, json.dumps(to.value), ttl, holder]
         for name, value in _encode(fields).items():
             args += [name, value]
         outcome = self._transition(keys=[self._key(job_id)], args=args)
@@ -91,6 +98,9 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self._redis.hget(self._key(job_id), CANCEL_FIELD) is not None
+
+    def clear_cancel(self, job_id: str) -> None:
+        self._redis.hdel(self._key(job_id), CANCEL_FIELD)
 
     def delete(self, job_id: str) -> None:
         self._redis.delete(self._key(job_id))

@@ -83,6 +83,14 @@ class WorkerSettings(BaseModel):
     queues: tuple[str, ...] = ("high", "default", "low")
     """Priorities served by this worker, highest first."""
     job_timeout_seconds: int = Field(default=1800, ge=1)
+    """Run timeout: a job running longer ends ``failed`` with ``run-timeout``."""
+    queue_ttl_seconds: float = Field(default=3600.0, gt=0)
+    """Queue time-to-live: a job not started by then ends ``failed`` with ``queue-timeout``."""
+    max_attempts: int = Field(default=3, ge=1)
+    """Workers a job may take down with it before it fails with ``worker-lost``."""
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    shutdown_grace_seconds: float = Field(default=60.0, ge=0)
+    """After SIGTERM the current job may finish within this; then it is queued again."""
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     record_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """How long job records and results are kept after they finish."""

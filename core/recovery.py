@@ -1,0 +1,160 @@
+"""Nothing accepted is lost: jobs of dead workers go back in line, within bounds.
+
+Each worker records the job it runs in one Redis hash (job id -> worker name) and keeps its
+registry entry alive from a heartbeat thread. Every worker's heartbeat thread also runs a
+sweep (one at a time, under a short lock): a running job whose worker's entry has expired was
+lost with that worker, and is queued again under a fresh queue entry after a backoff, unless
+it has already taken ``max_attempts`` workers with it, in which case it fails with a clear
+error instead of killing workers forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from redis import Redis
+
+from core.errors import JobCanceled, JobError, QueueTimeout, WorkerLost
+from core.jobs import JobErrorInfo, JobRecord, JobStatus, payload_for, utcnow
+from core.queue import JobQueue
+from core.records import JobStore
+from core.storage import ObjectStorage
+from core.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def expire_if_stale(
+    record: JobRecord,
+    *,
+    jobs: JobStore,
+    queue: JobQueue,
+    storage: ObjectStorage,
+    ttl_seconds: float,
+) -> JobRecord:
+    """A job still queued after its time-to-live ends ``failed`` with ``queue-timeout``."""
+    if record.status is not JobStatus.QUEUED:
+        return record
+    waited = (utcnow() - record.created_at).total_seconds()
+    if waited <= ttl_seconds:
+        return record
+    error = QueueTimeout(
+        f"The job waited {waited:.0f} s in the queue, longer than its {ttl_seconds:.0f} s limit."
+    )
+    if jobs.transition(
+        record.id, from_statuses=[JobStatus.QUEUED], to=JobStatus.FAILED,
+        finished_at=utcnow(),
+        error=JobErrorInfo(type=error.type_name(), title=error.title, detail=error.detail),
+        progress={"stage": "failed", "step": 0, "total": 0},
+    ):  # fmt: skip
+        queue.cancel(record.rq_job_id or record.id)
+        storage.delete(record.input_key)
+    return jobs.get(record.id)
+
+
+class JobRecovery:
+    def __init__(
+        self,
+        connection: Redis,
+        *,
+        prefix: str,
+        jobs: JobStore,
+        queue: JobQueue,
+        registry: WorkerRegistry,
+        max_attempts: int,
+        backoff_seconds: float,
+        job_timeout_seconds: int,
+        keep_seconds: int,
+    ) -> None:
+        self._redis = connection
+        self._running_key = f"{prefix}:running"
+        self._lock_key = f"{prefix}:recovery-lock"
+        self._jobs = jobs
+        self._queue = queue
+        self._registry = registry
+        self._max_attempts = max_attempts
+        self._backoff_seconds = backoff_seconds
+        self._job_timeout_seconds = job_timeout_seconds
+        self._keep_seconds = keep_seconds
+
+    def mark_running(self, job_id: str, worker: str) -> None:
+        self._redis.hset(self._running_key, job_id, worker)
+
+    def mark_done(self, job_id: str) -> None:
+        self._redis.hdel(self._running_key, job_id)
+
+    def running(self) -> dict[str, str]:
+        raw = self._redis.hgetall(self._running_key)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    def sweep(self) -> list[str]:
+        """Hand the jobs of dead workers back to the queue; returns the ids it recovered."""
+        if not self._redis.set(self._lock_key, "1", nx=True, px=10_000):
+            return []
+        try:
+            alive = {worker.name for worker in self._registry.live()}
+            recovered = []
+            for job_id, worker in self.running().items():
+                if worker not in alive:
+                    self.requeue(job_id, worker, reason="its worker stopped answering")
+                    recovered.append(job_id)
+            return recovered
+        finally:
+            self._redis.delete(self._lock_key)
+
+    def requeue(self, job_id: str, worker: str, *, reason: str, count_attempt: bool = True) -> None:
+        """Put a job that ``worker`` held back in line (or end it, see the module docstring)."""
+        self.mark_done(job_id)
+        record = self._jobs.get(job_id)
+        if record.status is not JobStatus.PROCESSING or record.worker != worker:
+            return
+        if self._jobs.cancel_requested(job_id):
+            self._end(job_id, worker, JobStatus.CANCELED, JobCanceled("Canceled while running."))
+            return
+        if count_attempt and record.attempts >= self._max_attempts:
+            self._end(
+                job_id, worker, JobStatus.FAILED,
+                WorkerLost(
+                    f"The job was running on a worker that died {record.attempts} times "
+                    "(the last time: " + reason + "); it is not retried again."
+                ),
+            )  # fmt: skip
+            return
+        attempt = record.attempts if count_attempt else max(0, record.attempts - 1)
+        rq_job_id = f"{job_id}.{uuid.uuid4().hex[:8]}"  # a fresh queue entry per attempt
+        fields: dict[str, Any] = {
+            "worker": None,
+            "started_at": None,
+            "attempts": attempt,
+            "rq_job_id": rq_job_id,
+            "progress": {"stage": "queued", "step": 0, "total": 0},
+        }
+        if not self._jobs.transition(
+            job_id, from_statuses=[JobStatus.PROCESSING], to=JobStatus.QUEUED, held_by=worker,
+            **fields,
+        ):  # fmt: skip
+            return
+        delay = self._backoff_seconds * (2 ** max(0, attempt - 1)) if count_attempt else 0.0
+        self._queue.enqueue(
+            payload_for(record),
+            record.priority,
+            timeout_seconds=self._job_timeout_seconds,
+            keep_seconds=self._keep_seconds,
+            rq_job_id=rq_job_id,
+            delay_seconds=delay,
+        )
+        logger.warning("job %s requeued (%s; attempt %d)", job_id, reason, attempt)
+
+    def _end(self, job_id: str, worker: str, status: JobStatus, error: JobError) -> None:
+        self._jobs.transition(
+            job_id, from_statuses=[JobStatus.PROCESSING], to=status, held_by=worker,
+            finished_at=utcnow(),
+            error=JobErrorInfo(type=error.type_name(), title=error.title, detail=error.detail),
+            progress={"stage": status.value, "step": 0, "total": 0},
+        )  # fmt: skip
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
