@@ -42,10 +42,13 @@ COPY model ./model
 COPY worker ./worker
 COPY app ./app
 COPY cli ./cli
-RUN pip install ".[model]"
+# nvidia-ml-py: GPU utilisation for the worker's /metrics (optional import, GPU images only).
+RUN pip install ".[model]" "nvidia-ml-py==13.615.71"
 USER spasemsr
 # One worker process per GPU: the container sees the GPU(s) it was given.
-ENV SPASEMSR_MODEL__DEVICE=cuda SPASEMSR_VAR_DIR=/home/spasemsr/var
+ENV SPASEMSR_MODEL__DEVICE=cuda SPASEMSR_VAR_DIR=/home/spasemsr/var \
+    SPASEMSR_WORKER__METRICS_HOST=0.0.0.0 SPASEMSR_WORKER__METRICS_PORT=9100
+EXPOSE 9100
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-m", "worker.healthcheck"]
 CMD ["python", "-m", "worker"]

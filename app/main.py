@@ -13,6 +13,7 @@ from app.metrics import ApiMetrics, HttpMetricsMiddleware, metrics_endpoint
 from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
+from app.web import web_router
 from core.limits import IdempotencyKeys, RateLimiter
 from core.queue import JobQueue
 from core.records import JobStore
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(web_router)
     app.add_middleware(
         UploadLimitMiddleware,
         max_body_bytes=settings.api.max_upload_bytes + MULTIPART_SLACK_BYTES,

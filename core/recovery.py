@@ -30,7 +30,7 @@ def expire_if_stale(
     record: JobRecord,
     *,
     jobs: JobStore,
-    queue: JobQueue,
+    queue: JobQueue | None,
     storage: ObjectStorage,
     ttl_seconds: float,
 ) -> JobRecord:
@@ -49,7 +49,8 @@ def expire_if_stale(
         error=JobErrorInfo(type=error.type_name(), title=error.title, detail=error.detail),
         progress={"stage": "failed", "step": 0, "total": 0},
     ):  # fmt: skip
-        queue.cancel(record.rq_job_id or record.id)
+        if queue is not None:  # a worker has already taken it off the queue
+            queue.cancel(record.rq_job_id or record.id)
         storage.delete(record.input_key)
     return jobs.get(record.id)
 

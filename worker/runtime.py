@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from datetime import datetime
 from core.jobs import utcnow
 from core.queue import JobQueue
 from core.records import JobStore
+from core.recovery import JobRecovery
 from core.settings import Settings
 from core.storage import ObjectStorage
 from core.workers import ModelInfo, WorkerInfo, WorkerRegistry, WorkerState
@@ -37,6 +39,9 @@ class WorkerRuntime:
     warmup_seconds: float
     queue: JobQueue | None = None
     """Where follow-up work (webhook deliveries) is queued; ``None`` in unit tests."""
+    recovery: JobRecovery | None = None
+    """Marks running jobs and hands back those of dead workers; ``None`` in unit tests."""
+    shutdown_deadline: float | None = None
     state: WorkerState = WorkerState.IDLE
     started_at: datetime = field(default_factory=utcnow)
 
@@ -49,6 +54,16 @@ class WorkerRuntime:
         finally:
             self.state = WorkerState.IDLE
             self.announce()
+
+    def begin_shutdown(self, *, immediately: bool = False) -> None:
+        """SIGTERM: the current job may go on for the grace period, then it is handed back."""
+        grace = 0.0 if immediately else self.settings.worker.shutdown_grace_seconds
+        deadline = time.monotonic() + grace
+        if self.shutdown_deadline is None or deadline < self.shutdown_deadline:
+            self.shutdown_deadline = deadline
+
+    def shutdown_due(self) -> bool:
+        return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
 
     def info(self) -> WorkerInfo:
         card = self.upscaler.card
@@ -91,6 +106,19 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stopped.wait(self.runtime.settings.worker.heartbeat_seconds):
             self.runtime.announce()
+            self._recover_lost_jobs()
+
+    def _recover_lost_jobs(self) -> None:
+        recovery = self.runtime.recovery
+        if recovery is None:
+            return
+        try:
+            recovered = recovery.sweep()
+        except Exception:
+            logger.warning("recovery sweep failed", exc_info=True)
+            return
+        if recovered:
+            logger.warning("handed back %d job(s) of dead workers: %s", len(recovered), recovered)
 
 
 _current: WorkerRuntime | None = None

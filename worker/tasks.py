@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from core.errors import JobCanceled, JobError, SpaSemSRError, UpscaleFailed
+from rq.timeouts import JobTimeoutException
+
+from core.errors import (
+    JobCanceled,
+    JobError,
+    OutOfMemory,
+    RunTimeout,
+    SpaSemSRError,
+    StorageUnavailable,
+    UpscaleFailed,
+)
 from core.jobs import ImageInfo, JobErrorInfo, JobPayload, JobStatus, utcnow
+from core.recovery import expire_if_stale
 from model.upscaler import UpscaleOptions
-from worker import imaging
+from worker import devices, imaging
 from worker.metrics import current_metrics
 from worker.runtime import WorkerRuntime, current_runtime
 
@@ -25,6 +37,29 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     return JobRunner(runtime, job).run()
 
 
+T = TypeVar("T")
+
+
+class WorkerShuttingDown(Exception):
+    """Raised at a step boundary once the shutdown grace period is over."""
+
+
+def with_retries(
+    operation: Callable[[], T], *, attempts: int = 5, first_wait_seconds: float = 0.5
+) -> T:
+    """Storage hiccups are retried with exponential backoff before the job is failed."""
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except StorageUnavailable:
+            if attempt == attempts - 1:
+                raise
+            wait = first_wait_seconds * 2**attempt
+            logger.warning("storage unavailable; retrying in %.1f s", wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 class JobRunner:
     def __init__(self, runtime: WorkerRuntime, job: JobPayload) -> None:
         self.runtime = runtime
@@ -32,46 +67,93 @@ class JobRunner:
         self.timings: dict[str, float] = {}
 
     def run(self) -> dict[str, Any]:
-        jobs = self.runtime.jobs
+        runtime = self.runtime
+        jobs = runtime.jobs
+        record = expire_if_stale(
+            jobs.get(self.job.job_id),
+            jobs=jobs,
+            queue=runtime.queue,
+            storage=runtime.storage,
+            ttl_seconds=runtime.settings.worker.queue_ttl_seconds,
+        )
         started_at = utcnow()
         if not jobs.transition(
             self.job.job_id,
             from_statuses=[JobStatus.QUEUED],
             to=JobStatus.PROCESSING,
             started_at=started_at,
-            worker=self.runtime.name,
+            worker=runtime.name,
+            attempts=record.attempts + 1,
             progress={"stage": "starting", "step": 0, "total": 0},
         ):
-            logger.info("job %s was canceled before it started", self.job.job_id)
+            logger.info("job %s is %s: not started", self.job.job_id, record.status.value)
             return {"status": "skipped"}
-        record = jobs.get(self.job.job_id)
+        if runtime.recovery is not None:
+            runtime.recovery.mark_running(self.job.job_id, runtime.name)
         self.timings["queue_wait"] = (started_at - record.created_at).total_seconds()
         current_metrics().observe_queue_wait(record.priority.value, self.timings["queue_wait"])
         began = time.perf_counter()
-        with self.runtime.busy():
+        with runtime.busy():
             try:
-                output = self._process()
+                output = self._process_within_memory()
             except JobCanceled:
                 return self._finish(JobStatus.CANCELED, began, error=JobCanceled())
+            except WorkerShuttingDown:
+                return self._hand_back("the worker is shutting down", count_attempt=False)
+            except JobTimeoutException:
+                limit = runtime.settings.worker.job_timeout_seconds
+                error = RunTimeout(f"The job ran longer than its {limit} s limit.")
+                return self._finish(JobStatus.FAILED, began, error=error)
             except JobError as exc:
                 return self._finish(JobStatus.FAILED, began, error=exc)
             except SpaSemSRError as exc:
                 return self._finish(JobStatus.FAILED, began, error=UpscaleFailed(exc.detail))
-            except Exception:
+            except Exception as exc:
+                if devices.is_fatal_device_error(exc):
+                    # The device is unusable: give the job back, and let the supervisor
+                    # start a fresh worker process.
+                    logger.critical("fatal device error in job %s: %s", self.job.job_id, exc)
+                    self._hand_back("its worker hit a fatal device error", count_attempt=True)
+                    raise SystemExit(70) from exc
                 logger.exception("job %s failed", self.job.job_id)
                 return self._finish(
                     JobStatus.FAILED, began, error=UpscaleFailed("The upscaler failed.")
                 )
         return self._finish(JobStatus.SUCCEEDED, began, output=output)
 
-    def _process(self) -> ImageInfo:
+    def _process_within_memory(self) -> ImageInfo:
+        """Out of device memory: retry with smaller diffusion tiles before giving up."""
+        tile_size = self.job.parameters.tile_size
+        while True:
+            try:
+                return self._process(tile_size)
+            except Exception as exc:
+                if not devices.is_out_of_memory(exc):
+                    raise
+                devices.release_cached_memory()
+                if tile_size // 2 < devices.MIN_TILE_SIZE:
+                    raise OutOfMemory(
+                        "The device ran out of memory even with the smallest tiles."
+                    ) from exc
+                tile_size //= 2
+                logger.warning("job %s out of memory; retrying with %d px tiles",
+                               self.job.job_id, tile_size)  # fmt: skip
+
+    def _hand_back(self, reason: str, *, count_attempt: bool) -> dict[str, Any]:
+        recovery = self.runtime.recovery
+        if recovery is not None:
+            recovery.requeue(self.job.job_id, self.runtime.name, reason=reason,
+                             count_attempt=count_attempt)  # fmt: skip
+        return {"status": "requeued"}
+
+    def _process(self, tile_size: int) -> ImageInfo:
         storage = self.runtime.storage
         parameters = self.job.parameters
         with self._timed("read"):
-            decoded = imaging.decode(storage.get(self.job.input_key))
+            decoded = imaging.decode(with_retries(lambda: storage.get(self.job.input_key)))
             padded, original_size = imaging.pad_to_minimum(decoded.rgb)
         result = self.runtime.upscaler.upscale(
-            padded, self._options(), on_progress=self._on_progress
+            padded, self._options(tile_size), on_progress=self._on_progress
         )
         current_metrics().observe_inference(result.timings)
         for stage, seconds in result.timings.items():
@@ -93,7 +175,7 @@ class JobRunner:
             width=image.width, height=image.height, format=parameters.output_format, bytes=len(data)
         )
 
-    def _options(self) -> UpscaleOptions:
+    def _options(self, tile_size: int) -> UpscaleOptions:
         p = self.job.parameters
         return UpscaleOptions(
             scale=p.scale,
@@ -102,7 +184,7 @@ class JobRunner:
             seed=p.seed,
             color_fix=p.color_fix,
             scheduler=p.scheduler,
-            tile_size=p.tile_size,
+            tile_size=tile_size,
             tags_hint=p.tags,
             caption_hint=p.caption,
         )
@@ -112,6 +194,8 @@ class JobRunner:
         jobs.update(self.job.job_id, progress={"stage": stage, "step": step, "total": total})
         if jobs.cancel_requested(self.job.job_id):
             raise JobCanceled(f"Canceled during {stage}.")
+        if self.runtime.shutdown_due():
+            raise WorkerShuttingDown
 
     def _finish(
         self,
@@ -134,13 +218,26 @@ class JobRunner:
                 type=error.type_name(), title=error.title, detail=error.detail
             )
         self.runtime.jobs.transition(
-            self.job.job_id, from_statuses=[JobStatus.PROCESSING], to=status, **fields
+            self.job.job_id,
+            from_statuses=[JobStatus.PROCESSING],
+            to=status,
+            held_by=self.runtime.name,
+            **fields,
         )
+        if self.runtime.recovery is not None:
+            self.runtime.recovery.mark_done(self.job.job_id)
         if status is not JobStatus.SUCCEEDED:
             self._drop(self.job.output_key)
         self._drop(self.job.input_key)
+        self._announce_by_webhook()
         logger.info("job %s %s in %.3f s", self.job.job_id, status.value, self.timings["total"])
         return {"status": status.value}
+
+    def _announce_by_webhook(self) -> None:
+        queue = self.runtime.queue
+        if queue is not None and self.runtime.jobs.get(self.job.job_id).webhook_url:
+            intervals = self.runtime.settings.webhooks.retry_intervals_seconds
+            queue.enqueue_webhook(self.job.job_id, retry_intervals=intervals)
 
     def _drop(self, key: str) -> None:
         try:
