@@ -7,6 +7,7 @@ so the API's ``/readyz`` and ``GET /v1/model`` only ever see workers that are al
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from enum import StrEnum
 
@@ -44,24 +45,41 @@ class WorkerInfo(BaseModel):
 
 
 class WorkerRegistry:
+    """Entries with a TTL, indexed by a sorted set of names scored by expiry time.
+
+    Reads never scan the keyspace: they take the names whose expiry is still ahead and fetch
+    those entries; names of expired entries are pruned as they are seen.
+    """
+
     def __init__(self, connection: Redis, *, prefix: str) -> None:
         self._redis = connection
         self._prefix = f"{prefix}:worker:"
+        self._index = f"{prefix}:workers"
 
     def announce(self, info: WorkerInfo, *, ttl_seconds: float) -> None:
-        self._redis.set(
-            self._prefix + info.name, info.model_dump_json(), px=int(ttl_seconds * 1000)
-        )
+        with self._redis.pipeline() as pipe:
+            pipe.set(self._prefix + info.name, info.model_dump_json(), px=int(ttl_seconds * 1000))
+            pipe.zadd(self._index, {info.name: time.time() + ttl_seconds})
+            pipe.execute()
 
     def remove(self, name: str) -> None:
-        self._redis.delete(self._prefix + name)
+        with self._redis.pipeline() as pipe:
+            pipe.delete(self._prefix + name)
+            pipe.zrem(self._index, name)
+            pipe.execute()
 
     def live(self) -> list[WorkerInfo]:
-        keys = sorted(self._redis.scan_iter(match=self._prefix + "*", count=200))
-        if not keys:
+        now = time.time()
+        self._redis.zremrangebyscore(self._index, "-inf", now)
+        names = sorted(_text(n) for n in self._redis.zrangebyscore(self._index, now, "+inf"))
+        if not names:
             return []
-        values = self._redis.mget(keys)
+        values = self._redis.mget([self._prefix + name for name in names])
         return [WorkerInfo.model_validate(json.loads(v)) for v in values if v is not None]
 
     def warm(self) -> list[WorkerInfo]:
         return [w for w in self.live() if w.state is not WorkerState.WARMING and w.model]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

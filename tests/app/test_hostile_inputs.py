@@ -206,7 +206,7 @@ def test_alpha_is_upscaled_separately_and_kept(client: TestClient, runtime: Work
 def test_slow_upload_gets_408(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
     """A client that stops sending mid-body is cut off (needs a real server: real sockets)."""
     service = start_service(
-        redis_server.url, tmp_path, workers=0, SPASEMSR_API__UPLOAD_IDLE_TIMEOUT_SECONDS="1"
+        redis_server.url, tmp_path, workers=0, SPASEMSR_API__UPLOAD_IDLE_TIMEOUT_SECONDS="2"
     )
     try:
         head = (
@@ -214,13 +214,13 @@ def test_slow_upload_gets_408(redis_server: EmbeddedRedis, tmp_path: Path) -> No
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\n'
         )
-        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as conn:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=60) as conn:
             conn.sendall(head + b"\x89PNG")  # ...and then nothing more
             began = time.monotonic()
             answer = b""
             while chunk := conn.recv(65536):  # the server closes the connection after it
                 answer += chunk
-        assert time.monotonic() - began < 8
+        assert time.monotonic() - began < 45  # cut off, not left hanging
         text = answer.decode(errors="replace")
         assert text.startswith("HTTP/1.1 408"), text
         assert "Upload too slow" in text
