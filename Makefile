@@ -40,10 +40,10 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check core app worker cli
+	$(BIN)/ruff format --check core app worker cli client
 
 typecheck: install
-	$(BIN)/mypy core app worker cli model
+	$(BIN)/mypy core app worker cli client model
 
 unit: install
 	$(BIN)/python -m pytest

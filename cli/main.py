@@ -1,26 +1,42 @@
-"""The ``spasemsr`` command (typer)."""
+"""The ``spasemsr`` command (typer).
+
+Runs the service's processes (``serve``, ``api``, ``worker``), talks to a running service
+through the Python client (``submit``, ``status``, ``cancel``, ``model``, ``bench``, ``demo``)
+and runs the pipeline locally without any service (``upscale``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
 import logging
-import sys
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Literal
 
-import httpx
 import typer
+from pydantic import ValidationError
+from rich.console import Console
 
+from cli.exit_codes import EPILOG, ExitCode
+from client import DEFAULT_URL
+from client._common import JobOptions
+from client.errors import ClientError
+from client.models import JobStatus
 from core.settings import Settings
 
 app = typer.Typer(
     help="SpaSemSR Serve: spatial-semantic guided diffusion super-resolution as a service.",
+    epilog=EPILOG,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-EXIT_FAILED = 1
-EXIT_UNAVAILABLE = 3
+SERVICE = "Service"
+UPSCALING = "Upscaling parameters"
+
+_err = Console(stderr=True, soft_wrap=True)
 
 
 def _logging(verbose: bool) -> None:
@@ -30,11 +46,144 @@ def _logging(verbose: bool) -> None:
     )
 
 
-@app.command()
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    _err.print(f"error: {message}", markup=False, highlight=False)
+    return typer.Exit(int(code))
+
+
+# --- options shared by several commands --------------------------------------------------
+
+Url = Annotated[
+    str,
+    typer.Option(
+        "--url", envvar="SPASEMSR_URL", help="Base URL of the service.", rich_help_panel=SERVICE
+    ),
+]
+Timeout = Annotated[
+    float,
+    typer.Option(min=0.1, help="Seconds allowed for each HTTP request.", rich_help_panel=SERVICE),
+]
+Retries = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="Retries of 429/503 answers (honouring Retry-After).",
+        rich_help_panel=SERVICE,
+    ),
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        envvar="SPASEMSR_API_KEY",
+        help="API key, when the service requires one.",
+        show_default=False,
+        rich_help_panel=SERVICE,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+Scale = Annotated[
+    Literal[2, 4] | None,
+    typer.Option(help="Upscaling factor (default 4).", rich_help_panel=UPSCALING),
+]
+Steps = Annotated[
+    int | None,
+    typer.Option(min=1, max=100, help="Denoising steps (default 20).", rich_help_panel=UPSCALING),
+]
+Guidance = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=20.0,
+        help="Classifier-free guidance (default 4.5).",
+        rich_help_panel=UPSCALING,
+    ),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        min=0, max=2**32 - 1, help="Random seed (default: random).", rich_help_panel=UPSCALING
+    ),
+]
+ColorFixOpt = Annotated[
+    Literal["none", "adain", "wavelet"] | None,
+    typer.Option(
+        "--color-fix", help="Colour correction (default wavelet).", rich_help_panel=UPSCALING
+    ),
+]
+SchedulerOpt = Annotated[
+    Literal["ddpm", "ddim", "dpmsolver++", "unipc"] | None,
+    typer.Option(help="Diffusion scheduler (default dpmsolver++).", rich_help_panel=UPSCALING),
+]
+TileSize = Annotated[
+    int | None,
+    typer.Option(
+        min=256,
+        max=1024,
+        help="Diffusion tile side in output pixels, a multiple of 64 (default 512).",
+        rich_help_panel=UPSCALING,
+    ),
+]
+Tags = Annotated[
+    str | None,
+    typer.Option(help="Grounding hint: comma-separated object tags.", rich_help_panel=UPSCALING),
+]
+Caption = Annotated[
+    str | None, typer.Option(help="Grounding hint: a caption.", rich_help_panel=UPSCALING)
+]
+
+
+def _job_options(
+    *,
+    scale: int | None,
+    steps: int | None,
+    guidance_scale: float | None,
+    seed: int | None,
+    color_fix: str | None,
+    scheduler: str | None,
+    tile_size: int | None,
+    tags: str | None,
+    caption: str | None,
+) -> dict[str, object]:
+    """The parameters given on the command line (the rest take the defaults)."""
+    given = {
+        "scale": scale,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seed": seed,
+        "color_fix": color_fix,
+        "scheduler": scheduler,
+        "tile_size": tile_size,
+        "tags": tags,
+        "caption": caption,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _check_parameters(options: dict[str, object]) -> None:
+    """Bounds the command line cannot express (tile size multiple of 64, tag lengths)."""
+    from core.jobs import JobParameters
+
+    values = dict(options)
+    if isinstance(values.get("tags"), str):
+        values["tags"] = tuple(str(values["tags"]).split(","))
+    try:
+        JobParameters.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise _fail(f"--{where.replace('_', '-')}: {first.get('msg')}", ExitCode.USAGE) from exc
+
+
+# --- running the service -----------------------------------------------------------------
+
+
+@app.command(rich_help_panel="Run the service")
 def serve(
     port: Annotated[int | None, typer.Option(help="API port (default 8000).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run everything on this machine: embedded Redis (unless configured), API and workers."""
     from cli.serve import serve as run_all
@@ -46,7 +195,7 @@ def serve(
     raise typer.Exit(run_all(settings, workers=workers))
 
 
-@app.command()
+@app.command(rich_help_panel="Run the service")
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
@@ -65,10 +214,10 @@ def api(
     )
 
 
-@app.command()
+@app.command(rich_help_panel="Run the service")
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run one worker process: load the model once, keep it warm, take jobs."""
     from worker.main import run_worker
@@ -77,70 +226,372 @@ def worker(
     run_worker(Settings(), burst=burst)
 
 
-@app.command()
-def demo(
-    url: Annotated[str, typer.Option(help="Base URL of a running service.")] = (
-        "http://127.0.0.1:8000"
-    ),
-    out: Annotated[Path, typer.Option(help="Where to save the result.")] = Path(
-        "var/demo-result.png"
-    ),
-    scale: Annotated[int, typer.Option(help="2 or 4.")] = 4,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 4,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
-) -> None:
-    """Submit a generated sample image to a running service, wait, save the result."""
-    import io
+# --- using a running service -------------------------------------------------------------
 
+
+@app.command(rich_help_panel="Use a running service")
+def submit(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="IN...", help="Image files, folders (their images) or globs ('*.png')."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-d", help="Where results go: <name>.x<scale>.<ext>.")
+    ] = Path(),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Exact result path (one input only).")
+    ] = None,
+    scale: Scale = None,
+    steps: Steps = None,
+    guidance_scale: Guidance = None,
+    seed: Seed = None,
+    color_fix: ColorFixOpt = None,
+    scheduler: SchedulerOpt = None,
+    tile_size: TileSize = None,
+    tags: Tags = None,
+    caption: Caption = None,
+    output_format: Annotated[
+        Literal["png", "jpeg", "webp"] | None,
+        typer.Option("--format", help="Result format (default png).", rich_help_panel=UPSCALING),
+    ] = None,
+    priority: Annotated[
+        Literal["high", "default", "low"] | None,
+        typer.Option(help="Queue priority (default: default).", rich_help_panel=UPSCALING),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Wait for the results (--no-wait prints job ids and returns).")
+    ] = True,
+    download: Annotated[bool, typer.Option(help="Download the results.")] = True,
+    wait_timeout: Annotated[
+        float | None,
+        typer.Option("--wait-timeout", min=0.1, help="Give up waiting after this many seconds."),
+    ] = None,
+    bars: Annotated[
+        bool | None,
+        typer.Option(
+            "--bars/--lines", help="Progress bars or plain lines (default: bars on a terminal)."
+        ),
+    ] = None,
+    as_json: AsJson = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 30.0,
+    retries: Retries = 3,
+    api_key: ApiKey = None,
+) -> None:
+    """Send images to a running service, show queue position and progress, save the results.
+
+    Ctrl-C cancels the jobs that have not finished yet.
+    """
+    from cli import remote
+    from cli.display import Tracked, make_reporter
+
+    try:
+        sources = remote.expand_inputs(inputs)
+    except remote.InputError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from exc
+    if output is not None and len(sources) != 1:
+        raise _fail("--output takes exactly one input; use --out-dir for several", ExitCode.USAGE)
+    given = _job_options(
+        scale=scale, steps=steps, guidance_scale=guidance_scale, seed=seed, color_fix=color_fix,
+        scheduler=scheduler, tile_size=tile_size, tags=tags, caption=caption,
+    )  # fmt: skip
+    _check_parameters(given)
+    options: JobOptions = {**given, **_present(output_format=output_format, priority=priority)}  # type: ignore[typeddict-item]
+    items = [Tracked(source) for source in sources]
+    with remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client:
+        with make_reporter(_err, bars=bars) as reporter:
+            try:
+                remote.submit_all(client, items, options, reporter)
+                if wait:
+                    if download:
+                        (output.parent if output else out_dir).mkdir(parents=True, exist_ok=True)
+                    remote.follow(
+                        client, items, reporter,
+                        out_dir=out_dir if download else None, output=output,
+                        timeout=wait_timeout, poll_interval=0.25,
+                    )  # fmt: skip
+            except KeyboardInterrupt:
+                remote.cancel_unfinished(client, items, reporter)
+        remote.print_results(items, as_json=as_json, waited=wait)
+    raise typer.Exit(int(remote.overall_code(items)))
+
+
+def _present(**values: object) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@app.command(rich_help_panel="Use a running service")
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="Job id.")],
+    wait: Annotated[
+        bool, typer.Option(help="Wait until the job ends; the exit code tells how it ended.")
+    ] = False,
+    as_json: AsJson = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 30.0,
+    retries: Retries = 3,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a job: status, queue position, progress, timings, sizes, error."""
+    from cli import remote
+    from cli.display import describe
+
+    with (
+        remote.exit_on_client_error(_err),
+        remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client,
+    ):
+        if wait:
+            job = client.wait(
+                job_id,
+                raise_on_failure=False,
+                on_progress=lambda j: _err.print(describe(j), markup=False, highlight=False),
+            )
+        else:
+            job = client.get(job_id)
+    if as_json:
+        typer.echo(job.model_dump_json(indent=2))
+    else:
+        remote.print_rows(remote.job_lines(job))
+    if wait:
+        raise typer.Exit(int(remote.STATUS_CODES.get(job.status, ExitCode.OK)))
+
+
+@app.command(rich_help_panel="Use a running service")
+def cancel(
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB...", help="Job ids.")],
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 30.0,
+    retries: Retries = 3,
+    api_key: ApiKey = None,
+) -> None:
+    """Cancel jobs: a queued one at once, a running one at its next step."""
+    from cli import remote
+    from cli.exit_codes import exit_code_for
+
+    codes = [ExitCode.OK]
+    with remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client:
+        for job_id in job_ids:
+            try:
+                job = client.cancel(job_id)
+            except ClientError as error:
+                _err.print(f"{job_id}: error: {error}", markup=False, highlight=False)
+                codes.append(exit_code_for(error))
+                continue
+            if job.status is JobStatus.CANCELED:
+                typer.echo(f"{job_id}: canceled")
+            else:
+                typer.echo(
+                    f"{job_id}: cancel requested ({job.status.value}; stops at its next step)"
+                )
+    raise typer.Exit(int(max(codes)))
+
+
+@app.command(rich_help_panel="Use a running service")
+def model(
+    as_json: AsJson = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 30.0,
+    retries: Retries = 3,
+    api_key: ApiKey = None,
+) -> None:
+    """What the service serves: model name, configuration, weights, trained or not, device."""
+    from cli import remote
+
+    with (
+        remote.exit_on_client_error(_err),
+        remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client,
+    ):
+        described = client.model()
+    if as_json:
+        typer.echo(described.model_dump_json(indent=2))
+    else:
+        remote.print_rows(remote.model_lines(described))
+    for warning in described.warnings:
+        _err.print(f"WARNING: {warning}", style="bold yellow", markup=False, highlight=False)
+
+
+@app.command(rich_help_panel="Use a running service")
+def bench(
+    jobs: Annotated[int, typer.Option(min=1, help="Jobs to run.")] = 50,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs in flight at once.")] = 4,
+    image: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Input image (default: a generated one)."),
+    ] = None,
+    scale: Scale = 2,
+    steps: Steps = None,
+    as_json: AsJson = False,
+    url: Url = DEFAULT_URL,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds allowed per job.", rich_help_panel=SERVICE)
+    ] = 300.0,
+    api_key: ApiKey = None,
+) -> None:
+    """Load a running service with jobs; print latency percentiles and throughput."""
+    from cli.bench import run_bench
+
+    data = image.read_bytes() if image is not None else _sample_png()
+    options: JobOptions = _present(scale=scale, steps=steps)  # type: ignore[assignment]
+    try:
+        report = asyncio.run(
+            run_bench(
+                url,
+                data,
+                jobs=jobs,
+                concurrency=concurrency,
+                options=options,
+                timeout=timeout,
+                api_key=api_key,
+            )
+        )
+    except ClientError as error:
+        from cli.exit_codes import exit_code_for
+
+        raise _fail(str(error), exit_code_for(error)) from error
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_bench(report.as_json())
+    if report.outcomes.get("succeeded", 0) != jobs:
+        raise _fail(f"not every job succeeded: {report.outcomes}", ExitCode.FAILED)
+
+
+def _print_bench(figures: dict[str, object]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{figures['jobs']} jobs, concurrency {figures['concurrency']}")
+    table.add_column("seconds")
+    for column in ("p50", "p95", "p99", "mean", "max"):
+        table.add_column(column, justify="right")
+    seconds = figures["seconds"]
+    assert isinstance(seconds, dict)
+    for name, values in seconds.items():
+        table.add_row(name, *(f"{values[c]:.4f}" for c in ("p50", "p95", "p99", "mean", "max")))
+    Console().print(table)
+    typer.echo(
+        f"wall {figures['wall_seconds']} s, throughput {figures['throughput_jobs_per_second']} "
+        f"jobs/s, outcomes {figures['outcomes']}"
+    )
+
+
+def _sample_png() -> bytes:
     from cli.sample import sample_image
 
     buffer = io.BytesIO()
     sample_image().save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@app.command(rich_help_panel="Use a running service")
+def demo(
+    url: Url = DEFAULT_URL,
+    out: Annotated[Path, typer.Option(help="Where to save the result.")] = Path(
+        "var/demo-result.png"
+    ),
+    scale: Annotated[Literal[2, 4], typer.Option(help="Upscaling factor.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a generated sample image to a running service, wait, save the result."""
+    from cli import remote
+    from cli.display import describe
+
+    data = _sample_png()
     out.parent.mkdir(parents=True, exist_ok=True)
-    (out.parent / "demo-input.png").write_bytes(buffer.getvalue())
+    (out.parent / "demo-input.png").write_bytes(data)
+    with (
+        remote.exit_on_client_error(_err),
+        remote.connect(url, timeout=30, retries=3, api_key=api_key) as client,
+    ):
+        job = client.submit(data, filename="sample.png", scale=scale, steps=steps, seed=0)
+        typer.echo(f"job {job.id} queued")
+        job = client.wait(
+            job.id, timeout=timeout, on_progress=lambda j: typer.echo(f"{describe(j)}")
+        )
+        client.download(job.id, out)
+    assert job.output is not None
+    typer.echo(f"saved {out} ({job.output.width}x{job.output.height}); timings: {job.timings}")
+
+
+# --- without a service -------------------------------------------------------------------
+
+
+@app.command(rich_help_panel="Without a service")
+def upscale(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="IN", exists=True, dir_okay=False, readable=True, help="Input image."
+        ),
+    ],
+    target: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Output image (.png, .jpg or .webp).")
+    ],
+    upscaler: Annotated[
+        Literal["spasemsr", "lanczos"] | None,
+        typer.Option(help="Which upscaler (default: $SPASEMSR_MODEL__UPSCALER, else spasemsr)."),
+    ] = None,
+    model_path: Annotated[
+        Path | None,
+        typer.Option(help="SpaSemSR pipeline folder (default: the tiny demo pipeline)."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, cuda:1... (default: auto).")
+    ] = None,
+    scale: Scale = None,
+    steps: Steps = None,
+    guidance_scale: Guidance = None,
+    seed: Seed = None,
+    color_fix: ColorFixOpt = None,
+    scheduler: SchedulerOpt = None,
+    tile_size: TileSize = None,
+    tags: Tags = None,
+    caption: Caption = None,
+    bars: Annotated[
+        bool | None,
+        typer.Option(
+            "--bars/--lines", help="Progress bars or plain lines (default: bars on a terminal)."
+        ),
+    ] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Upscale one image on this machine with the worker's pipeline; no service needed."""
+    from cli.local import LocalInputError, StageProgress, output_format_for, upscale_file
+    from core.jobs import JobParameters
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
+    given = _job_options(
+        scale=scale, steps=steps, guidance_scale=guidance_scale, seed=seed, color_fix=color_fix,
+        scheduler=scheduler, tile_size=tile_size, tags=tags, caption=caption,
+    )  # fmt: skip
+    _check_parameters(given)
+    if isinstance(given.get("tags"), str):
+        given["tags"] = tuple(str(given["tags"]).split(","))
+    parameters = JobParameters.model_validate(given)
     try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            created = client.post(
-                "/v1/jobs",
-                files={"image": ("sample.png", buffer.getvalue(), "image/png")},
-                data={"scale": str(scale), "steps": str(steps), "seed": "0"},
-            )
-            if created.status_code != 202:
-                typer.echo(f"refused: {created.status_code} {created.text}", err=True)
-                raise typer.Exit(EXIT_FAILED)
-            job = created.json()
-            typer.echo(f"job {job['id']} queued")
-            job = _wait_for(client, job["id"], timeout)
-            if job["status"] != "succeeded":
-                typer.echo(f"job {job['status']}: {job.get('error')}", err=True)
-                raise typer.Exit(EXIT_FAILED)
-            result = client.get(f"/v1/jobs/{job['id']}/result", follow_redirects=True)
-            result.raise_for_status()
-            out.write_bytes(result.content)
-    except httpx.TransportError as exc:
-        typer.echo(f"cannot reach {url}: {exc}", err=True)
-        raise typer.Exit(EXIT_UNAVAILABLE) from exc
-    typer.echo(
-        f"saved {out} ({job['output']['width']}x{job['output']['height']}); "
-        f"timings: {job['timings']}"
-    )
-
-
-def _wait_for(client: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
-        progress = job.get("progress") or {}
-        line = f"{job['status']} {progress}"
-        if line != last:
-            typer.echo(line)
-            last = line
-        if job["status"] in {"succeeded", "failed", "canceled"}:
-            return job
-        time.sleep(0.2)
-    typer.echo(f"gave up after {timeout} s", err=True)
-    sys.exit(EXIT_FAILED)
+        output_format_for(target)
+    except LocalInputError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from exc
+    settings = Settings()
+    if upscaler is not None:
+        settings.model.upscaler = upscaler
+    if model_path is not None:
+        settings.model.path = model_path
+    if device is not None:
+        settings.model.device = device
+    progress = StageProgress(_err, bars=_err.is_terminal if bars is None else bars)
+    try:
+        size, result = upscale_file(settings, source, target, parameters, progress)
+    except LocalInputError as exc:
+        raise _fail(str(exc), ExitCode.REJECTED) from exc
+    except Exception as exc:  # a model that cannot load or run: say so, no traceback
+        logging.getLogger(__name__).debug("upscaling failed", exc_info=True)
+        raise _fail(f"upscaling failed: {type(exc).__name__}: {exc}", ExitCode.FAILED) from exc
+    timings = ", ".join(f"{k} {v:.3f} s" for k, v in result.timings.items())
+    typer.echo(f"saved {target} ({size[0]}x{size[1]}); {timings}")
 
 
 if __name__ == "__main__":

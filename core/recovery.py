@@ -11,6 +11,7 @@ error instead of killing workers forever.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -72,6 +73,7 @@ class JobRecovery:
         self._redis = connection
         self._running_key = f"{prefix}:running"
         self._lock_key = f"{prefix}:recovery-lock"
+        self._delayed_key = f"{prefix}:delayed"
         self._jobs = jobs
         self._queue = queue
         self._registry = registry
@@ -101,6 +103,7 @@ class JobRecovery:
                 if worker not in alive:
                     self.requeue(job_id, worker, reason="its worker stopped answering")
                     recovered.append(job_id)
+            self.release_due()
             return recovered
         finally:
             self._redis.delete(self._lock_key)
@@ -124,7 +127,7 @@ class JobRecovery:
             )  # fmt: skip
             return
         attempt = record.attempts if count_attempt else max(0, record.attempts - 1)
-        rq_job_id = f"{job_id}.{uuid.uuid4().hex[:8]}"  # a fresh queue entry per attempt
+        rq_job_id = f"{job_id}-{uuid.uuid4().hex[:8]}"  # a fresh queue entry per attempt
         fields: dict[str, Any] = {
             "worker": None,
             "started_at": None,
@@ -138,15 +141,35 @@ class JobRecovery:
         ):  # fmt: skip
             return
         delay = self._backoff_seconds * (2 ** max(0, attempt - 1)) if count_attempt else 0.0
+        if delay > 0:
+            # Held in our own delay set rather than RQ's scheduler: any live worker's sweep
+            # releases it on time, even when the worker that held RQ's scheduler lock died.
+            self._redis.zadd(self._delayed_key, {job_id: time.time() + delay})
+        else:
+            self._enqueue(job_id)
+        logger.warning("job %s requeued (%s; attempt %d)", job_id, reason, attempt)
+
+    def release_due(self) -> list[str]:
+        """Queue the handed-back jobs whose backoff is over (called under the sweep lock)."""
+        released = []
+        for raw in self._redis.zrangebyscore(self._delayed_key, "-inf", time.time()):
+            job_id = _text(raw)
+            self._enqueue(job_id)  # first: a failure here leaves it for the next sweep
+            self._redis.zrem(self._delayed_key, job_id)
+            released.append(job_id)
+        return released
+
+    def _enqueue(self, job_id: str) -> None:
+        record = self._jobs.get(job_id)
+        if record.status is not JobStatus.QUEUED or record.rq_job_id is None:
+            return
         self._queue.enqueue(
             payload_for(record),
             record.priority,
             timeout_seconds=self._job_timeout_seconds,
             keep_seconds=self._keep_seconds,
-            rq_job_id=rq_job_id,
-            delay_seconds=delay,
+            rq_job_id=record.rq_job_id,
         )
-        logger.warning("job %s requeued (%s; attempt %d)", job_id, reason, attempt)
 
     def _end(self, job_id: str, worker: str, status: JobStatus, error: JobError) -> None:
         self._jobs.transition(
@@ -157,5 +180,5 @@ class JobRecovery:
         )  # fmt: skip
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

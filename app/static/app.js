@@ -1,0 +1,400 @@
+// SpaSemSR Serve web page: upload, live job status, before/after comparison, download.
+// Plain browser JavaScript: no build step, no dependencies, no request beyond this origin.
+"use strict";
+
+const POLL_MS = 400;
+const MODEL_RETRY_MS = 3000;
+const ZOOMS = [0.25, 0.5, 1, 2, 4, 8, 16];
+const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  viewing: null, // the job shown in the comparison viewer
+  zoom: 1,
+};
+
+// --- HTTP ---------------------------------------------------------------------------------
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { "X-API-Key": key } : {};
+}
+
+class ProblemError extends Error {
+  constructor(problem) {
+    super(problem.title || "Error");
+    this.problem = problem;
+  }
+}
+
+// An error answer as an RFC 9457 problem; a plain one when the body is something else.
+async function problemOf(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  if (body && typeof body === "object" && body.title) {
+    return body;
+  }
+  return { title: `HTTP ${response.status}`, status: response.status, detail: response.statusText };
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, {
+      ...options,
+      headers: { Accept: "application/json", ...authHeaders(), ...(options.headers || {}) },
+    });
+  } catch (error) {
+    throw new ProblemError({ title: "Service unreachable", detail: String(error.message || error) });
+  }
+  if (!response.ok) {
+    throw new ProblemError(await problemOf(response));
+  }
+  return response;
+}
+
+function showProblem(element, problem) {
+  element.replaceChildren();
+  const title = document.createElement("strong");
+  title.className = "problem-title";
+  title.textContent = problem.title;
+  element.append(title);
+  if (problem.detail && problem.detail !== problem.title) {
+    element.append(document.createTextNode(" " + problem.detail));
+  }
+  element.hidden = false;
+}
+
+// --- the model ------------------------------------------------------------------------------
+
+async function loadModel() {
+  try {
+    const model = await (await api("/v1/model")).json();
+    $("model-name").textContent = `${model.name} ${model.version}`;
+    $("model-details").textContent =
+      `(${model.configuration}; weights ${model.weights}; ${model.device}, ${model.dtype}; ` +
+      `${model.workers} worker${model.workers === 1 ? "" : "s"})`;
+    const warning = $("model-warning");
+    if (!model.trained) {
+      const text = (model.warnings && model.warnings.length)
+        ? model.warnings.join(" ")
+        : "The model's weights are untrained: results show the pipeline working, not its quality.";
+      warning.replaceChildren();
+      const title = document.createElement("strong");
+      title.textContent = "Untrained weights. ";
+      warning.append(title, document.createTextNode(text));
+      warning.hidden = false;
+    } else {
+      warning.hidden = true;
+    }
+  } catch (error) {
+    const problem = error.problem || { title: String(error) };
+    $("model-name").textContent = "unavailable";
+    $("model-details").textContent = `(${problem.title}${problem.detail ? ": " + problem.detail : ""})`;
+    setTimeout(loadModel, MODEL_RETRY_MS);
+  }
+}
+
+// --- files ----------------------------------------------------------------------------------
+
+function describeFiles(files) {
+  if (!files.length) {
+    return "No file chosen.";
+  }
+  const names = Array.from(files, (f) => f.name);
+  return `${files.length} file${files.length === 1 ? "" : "s"}: ${names.join(", ")}`;
+}
+
+function setupDropzone() {
+  const zone = $("dropzone");
+  const input = $("files");
+  input.addEventListener("change", () => {
+    $("file-list").textContent = describeFiles(input.files);
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    zone.addEventListener(name, () => zone.classList.remove("dragging"));
+  }
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer && event.dataTransfer.files.length) {
+      input.files = event.dataTransfer.files;
+      $("file-list").textContent = describeFiles(input.files);
+      $("submit").focus(); // parameters can still be changed before uploading
+    }
+  });
+}
+
+function formParameters() {
+  const data = {};
+  for (const name of ["scale", "steps", "guidance_scale", "seed", "color_fix", "scheduler",
+                      "tile_size", "output_format", "priority", "tags", "caption"]) {
+    const value = $(name).value.trim();
+    if (value !== "") {
+      data[name] = value;
+    }
+  }
+  return data;
+}
+
+// --- jobs -----------------------------------------------------------------------------------
+
+function describeJob(job) {
+  if (job.status === "queued") {
+    if (job.queue_position === null || job.queue_position === undefined) return "queued";
+    return job.queue_position === 0 ? "queued (next)" : `queued (${job.queue_position} ahead)`;
+  }
+  if (job.status === "processing") {
+    const p = job.progress || {};
+    return p.total > 0 ? `processing: ${p.stage} ${p.step}/${p.total}` : `processing: ${p.stage}`;
+  }
+  return job.status;
+}
+
+function newJobItem(file) {
+  const item = $("job-template").content.firstElementChild.cloneNode(true);
+  item.querySelector(".job-name").textContent = file.name;
+  item.querySelector(".job-status").textContent = "uploading";
+  item.querySelector(".job-progress").setAttribute("aria-label", `Progress of ${file.name}`);
+  $("jobs").append(item);
+  $("no-jobs").hidden = true;
+  return item;
+}
+
+function renderJob(entry) {
+  const { item, job } = entry;
+  item.dataset.status = job.status;
+  item.dataset.jobId = job.id;
+  item.querySelector(".job-status").textContent = describeJob(job);
+  const bar = item.querySelector(".job-progress");
+  const p = job.progress || {};
+  if (job.status === "succeeded") {
+    bar.value = 1;
+  } else if (job.status === "processing" && p.total > 0) {
+    bar.value = p.step / p.total;
+  } else if (job.status === "queued") {
+    bar.removeAttribute("value"); // indeterminate while waiting
+  }
+  item.querySelector(".job-cancel").hidden = TERMINAL.has(job.status);
+  if (job.error) {
+    showProblem(item.querySelector(".job-error"), job.error);
+  }
+}
+
+function rejectItem(item, problem) {
+  item.dataset.status = "rejected";
+  item.querySelector(".job-status").textContent = "rejected";
+  item.querySelector(".job-progress").hidden = true;
+  item.querySelector(".job-cancel").hidden = true;
+  showProblem(item.querySelector(".job-error"), problem);
+}
+
+async function submitOne(file, parameters) {
+  const item = newJobItem(file);
+  const body = new FormData();
+  body.append("image", file, file.name);
+  for (const [name, value] of Object.entries(parameters)) {
+    body.append(name, value);
+  }
+  let job;
+  try {
+    job = await (await api("/v1/jobs", { method: "POST", body })).json();
+  } catch (error) {
+    rejectItem(item, error.problem || { title: String(error) });
+    return;
+  }
+  const entry = { item, job, file, resultUrl: null };
+  item.querySelector(".job-cancel").addEventListener("click", () => cancelJob(entry));
+  item.querySelector(".job-view").addEventListener("click", () => showComparison(entry));
+  renderJob(entry);
+  poll(entry);
+}
+
+async function submitFiles() {
+  const form = $("upload-form");
+  const files = Array.from($("files").files);
+  const formError = $("form-error");
+  formError.hidden = true;
+  if (!form.reportValidity()) {
+    return;
+  }
+  if (!files.length) {
+    showProblem(formError, { title: "No image", detail: "Choose or drop at least one image." });
+    return;
+  }
+  const parameters = formParameters();
+  // One after another, so that the queue keeps the order the files were chosen in.
+  for (const file of files) {
+    await submitOne(file, parameters);
+  }
+}
+
+async function poll(entry) {
+  try {
+    entry.job = await (await api(`/v1/jobs/${entry.job.id}`)).json();
+  } catch (error) {
+    showProblem(entry.item.querySelector(".job-error"), error.problem || { title: String(error) });
+    setTimeout(() => poll(entry), POLL_MS * 5);
+    return;
+  }
+  renderJob(entry);
+  if (!TERMINAL.has(entry.job.status)) {
+    setTimeout(() => poll(entry), POLL_MS);
+  } else if (entry.job.status === "succeeded") {
+    await fetchResult(entry);
+  }
+}
+
+async function cancelJob(entry) {
+  try {
+    entry.job = await (await api(`/v1/jobs/${entry.job.id}`, { method: "DELETE" })).json();
+    renderJob(entry);
+  } catch (error) {
+    showProblem(entry.item.querySelector(".job-error"), error.problem || { title: String(error) });
+  }
+}
+
+function resultName(entry) {
+  const stem = entry.file.name.replace(/\.[^.]+$/, "");
+  const format = entry.job.parameters.output_format;
+  return `${stem}.x${entry.job.parameters.scale}.${format === "jpeg" ? "jpg" : format}`;
+}
+
+async function fetchResult(entry) {
+  try {
+    const blob = await (await api(`/v1/jobs/${entry.job.id}/result`, {
+      headers: { Accept: "image/*" },
+    })).blob();
+    entry.resultUrl = URL.createObjectURL(blob);
+  } catch (error) {
+    showProblem(entry.item.querySelector(".job-error"), error.problem || { title: String(error) });
+    return;
+  }
+  const link = entry.item.querySelector(".job-download");
+  link.href = entry.resultUrl;
+  link.download = resultName(entry);
+  link.hidden = false;
+  entry.item.querySelector(".job-view").hidden = false;
+  if (state.viewing === null) {
+    showComparison(entry);
+  }
+}
+
+// --- the comparison viewer -------------------------------------------------------------------
+
+function showComparison(entry) {
+  state.viewing = entry;
+  const before = $("before-image");
+  const after = $("after-image");
+  if (!entry.beforeUrl) {
+    entry.beforeUrl = URL.createObjectURL(entry.file);
+  }
+  before.src = entry.beforeUrl;
+  after.src = entry.resultUrl;
+  $("viewer-name").textContent = entry.file.name;
+  const input = entry.job.input;
+  const output = entry.job.output;
+  $("viewer-caption").textContent =
+    `${input.width}×${input.height} → ${output.width}×${output.height} ` +
+    `(×${entry.job.parameters.scale}, ${output.format})`;
+  const download = $("viewer-download");
+  download.href = entry.resultUrl;
+  download.download = resultName(entry);
+  $("viewer").hidden = false;
+  setZoom(1);
+  setDivider(Number($("compare-position").value));
+}
+
+function setDivider(percent) {
+  const value = Math.max(0, Math.min(100, percent));
+  $("compare-position").value = String(value);
+  $("compare-position").setAttribute(
+    "aria-valuetext", `${value}% before, ${100 - value}% after`);
+  $("before-image").style.clipPath = `inset(0 ${100 - value}% 0 0)`;
+  $("divider").style.left = `${value}%`;
+}
+
+function setZoom(zoom) {
+  const entry = state.viewing;
+  if (!entry) return;
+  state.zoom = zoom;
+  const { width, height } = entry.job.output;
+  const compare = $("compare");
+  compare.style.width = `${Math.round(width * zoom)}px`;
+  compare.style.height = `${Math.round(height * zoom)}px`;
+  // Past 100% show real pixels rather than a smoothed guess.
+  compare.classList.toggle("pixelated", zoom > 1);
+  compare.classList.toggle("compact", width * zoom < 160); // no room for the labels
+  const label = `${Math.round(zoom * 100)}%`;
+  $("zoom-value").textContent = label;
+  const slider = $("zoom");
+  const nearest = ZOOMS.reduce((best, z, i) =>
+    Math.abs(Math.log(z / zoom)) < Math.abs(Math.log(ZOOMS[best] / zoom)) ? i : best, 0);
+  slider.value = String(nearest);
+  slider.setAttribute("aria-valuetext", label);
+}
+
+function fitZoom() {
+  const entry = state.viewing;
+  if (!entry) return;
+  const viewport = $("viewport");
+  const { width, height } = entry.job.output;
+  const fit = Math.min(viewport.clientWidth / width, (viewport.clientHeight || height) / height);
+  setZoom(Math.max(0.05, Math.min(16, fit)));
+}
+
+function setupViewer() {
+  $("compare-position").addEventListener("input", (e) => setDivider(Number(e.target.value)));
+  $("zoom").addEventListener("input", (e) => setZoom(ZOOMS[Number(e.target.value)]));
+  $("zoom-fit").addEventListener("click", fitZoom);
+  $("zoom-actual").addEventListener("click", () => setZoom(1));
+  const compare = $("compare");
+  const follow = (event) => {
+    const box = compare.getBoundingClientRect();
+    setDivider(Math.round(((event.clientX - box.left) / box.width) * 100));
+  };
+  compare.addEventListener("pointerdown", (event) => {
+    compare.setPointerCapture(event.pointerId);
+    follow(event);
+  });
+  compare.addEventListener("pointermove", (event) => {
+    if (compare.hasPointerCapture(event.pointerId)) follow(event);
+  });
+  $("viewport").addEventListener("keydown", (event) => {
+    const index = Number($("zoom").value);
+    if (event.key === "+" || event.key === "=") {
+      setZoom(ZOOMS[Math.min(ZOOMS.length - 1, index + 1)]);
+    } else if (event.key === "-") {
+      setZoom(ZOOMS[Math.max(0, index - 1)]);
+    } else if (event.key === "ArrowLeft" && event.shiftKey) {
+      setDivider(Number($("compare-position").value) - 5);
+    } else if (event.key === "ArrowRight" && event.shiftKey) {
+      setDivider(Number($("compare-position").value) + 5);
+    } else {
+      return;
+    }
+    event.preventDefault();
+  });
+}
+
+// --- start ----------------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupDropzone();
+  setupViewer();
+  $("upload-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    submitFiles();
+  });
+  loadModel();
+});

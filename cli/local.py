@@ -1,0 +1,135 @@
+"""``spasemsr upscale IN OUT``: the worker's pipeline run locally, without the service.
+
+The upscaler is built exactly as a worker builds it (``worker.engine.load_upscaler``) and the
+image goes through the same decode / pad / finish / encode steps (``worker.imaging``), so a
+local result matches what the service would return for the same parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from core.jobs import ImageFormat, JobParameters
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from model.upscaler import UpscaleResult
+
+logger = logging.getLogger(__name__)
+
+FORMAT_BY_SUFFIX = {
+    ".png": ImageFormat.PNG,
+    ".jpg": ImageFormat.JPEG,
+    ".jpeg": ImageFormat.JPEG,
+    ".webp": ImageFormat.WEBP,
+}
+
+
+class LocalInputError(Exception):
+    """The input cannot be read as an image, or the output suffix names no supported format."""
+
+
+def output_format_for(path: Path) -> ImageFormat:
+    try:
+        return FORMAT_BY_SUFFIX[path.suffix.lower()]
+    except KeyError:
+        raise LocalInputError(
+            f"cannot tell the output format from {path.name!r}: use .png, .jpg or .webp"
+        ) from None
+
+
+class StageProgress:
+    """Progress of a local run: a bar on a terminal, a line per stage and step otherwise."""
+
+    def __init__(self, console: Console, *, bars: bool) -> None:
+        self._console = console
+        self._bars = bars
+        self._progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, TaskID] = {}
+        self._last: tuple[str, int, int] | None = None
+
+    def __enter__(self) -> Self:
+        if self._bars:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._bars:
+            self._progress.stop()
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if (stage, step, total) == self._last:
+            return
+        self._last = (stage, step, total)
+        if not self._bars:
+            self._console.print(f"{stage} {step}/{total}", markup=False, highlight=False)
+            return
+        task = self._tasks.get(stage)
+        if task is None:
+            task = self._progress.add_task(stage, total=max(total, 1))
+            self._tasks[stage] = task
+        self._progress.update(task, completed=step, total=max(total, 1))
+
+
+def upscale_file(
+    settings: Settings,
+    source: Path,
+    target: Path,
+    parameters: JobParameters,
+    progress: StageProgress,
+) -> tuple[tuple[int, int], UpscaleResult]:
+    """Upscale ``source`` into ``target``; the output size and the upscaler's result."""
+    from model.upscaler import UpscaleOptions
+    from worker import imaging
+    from worker.engine import load_upscaler
+
+    output_format = output_format_for(target)
+    try:
+        decoded = imaging.decode(source.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise LocalInputError(f"cannot read {source}: not an image that can be decoded") from exc
+    started = time.perf_counter()
+    upscaler = load_upscaler(settings)
+    logger.info("loaded %s in %.1f s", upscaler.card.name, time.perf_counter() - started)
+    padded, original_size = imaging.pad_to_minimum(decoded.rgb)
+    options = UpscaleOptions(
+        scale=parameters.scale,
+        steps=parameters.steps,
+        guidance_scale=parameters.guidance_scale,
+        seed=parameters.seed,
+        color_fix=parameters.color_fix,
+        scheduler=parameters.scheduler,
+        tile_size=parameters.tile_size,
+        tags_hint=parameters.tags,
+        caption_hint=parameters.caption,
+    )
+    with progress:
+        result = upscaler.upscale(padded, options, on_progress=progress)
+    image = imaging.finish(
+        result.image,
+        decoded,
+        original_size=original_size,
+        scale=parameters.scale,
+        output_format=output_format,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(imaging.encode(image, output_format))
+    return image.size, result

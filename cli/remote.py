@@ -1,0 +1,258 @@
+"""The commands that talk to a running service through the Python client."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from cli.display import Reporter, Tracked, describe
+from cli.exit_codes import ExitCode, exit_code_for
+from client import RetryPolicy, SpaSemSRClient
+from client._common import JobOptions
+from client.errors import ClientError, ProblemError, ServiceUnreachable, WaitTimeout
+from client.models import Job, JobStatus, ModelDescription
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+GLOB_CHARACTERS = frozenset("*?[")
+STATUS_CODES = {
+    JobStatus.SUCCEEDED: ExitCode.OK,
+    JobStatus.FAILED: ExitCode.FAILED,
+    JobStatus.CANCELED: ExitCode.CANCELED,
+}
+
+
+class InputError(Exception):
+    """A command-line input that does not name any file."""
+
+
+def connect(
+    url: str, *, timeout: float, retries: int, api_key: str | None = None
+) -> SpaSemSRClient:
+    return SpaSemSRClient(url, timeout=timeout, retry=RetryPolicy(retries=retries), api_key=api_key)
+
+
+@contextmanager
+def exit_on_client_error(err: Console) -> Iterator[None]:
+    """Turn a client error into its message on stderr and the documented exit code."""
+    try:
+        yield
+    except ClientError as error:
+        err.print(f"error: {error}", markup=False, highlight=False)
+        raise typer.Exit(exit_code_for(error)) from error
+
+
+# --- inputs and outputs ------------------------------------------------------------------
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files named by the arguments: paths, folders (their images) and globs (``*.png``)."""
+    found: list[Path] = []
+    for pattern in patterns:
+        found += _expand_one(pattern)
+    return list(dict.fromkeys(found))
+
+
+def _expand_one(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise InputError(f"no PNG, JPEG or WebP image in folder {pattern}")
+        return images
+    if path.is_file():
+        return [path]
+    if GLOB_CHARACTERS & set(pattern):
+        base, glob = _split_glob(pattern)
+        matches = sorted(p for p in base.glob(glob) if p.is_file())
+        if not matches:
+            raise InputError(f"no file matches {pattern}")
+        return matches
+    raise InputError(f"no such file: {pattern}")
+
+
+def _split_glob(pattern: str) -> tuple[Path, str]:
+    """``photos/*.png`` -> (``photos``, ``*.png``); absolute patterns keep their root."""
+    parts = Path(pattern).parts
+    for index, part in enumerate(parts):
+        if GLOB_CHARACTERS & set(part):
+            return Path(*parts[:index]) if index else Path(), str(Path(*parts[index:]))
+    return Path(), pattern
+
+
+def output_path_for(item: Tracked, job: Job, out_dir: Path, used: set[Path]) -> Path:
+    """``<stem>.x<scale>.<ext>`` in ``out_dir``; a name already taken gets the job id."""
+    extension = str(job.parameters.get("output_format", "png")).replace("jpeg", "jpg")
+    scale = job.parameters.get("scale", "")
+    path = out_dir / f"{item.source.stem}.x{scale}.{extension}"
+    if path in used:
+        path = out_dir / f"{item.source.stem}.{job.id[:8]}.x{scale}.{extension}"
+    used.add(path)
+    return path
+
+
+# --- submit ------------------------------------------------------------------------------
+
+
+def submit_all(
+    client: SpaSemSRClient, items: list[Tracked], options: JobOptions, reporter: Reporter
+) -> None:
+    """Upload every file; a refused file is recorded and the others still go."""
+    for index, item in enumerate(items):
+        try:
+            item.job = client.submit(item.source, **options)
+        except ServiceUnreachable as error:
+            for rest in items[index:]:
+                _record_error(rest, error, reporter)
+            return
+        except ClientError as error:
+            _record_error(item, error, reporter)
+            continue
+        reporter.update(item)
+
+
+def follow(
+    client: SpaSemSRClient,
+    items: list[Tracked],
+    reporter: Reporter,
+    *,
+    out_dir: Path | None,
+    output: Path | None,
+    timeout: float | None,
+    poll_interval: float,
+) -> None:
+    """Poll every unfinished job until all end; download each result as it arrives."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    used: set[Path] = set()
+    while pending := [item for item in items if not item.finished]:
+        for item in pending:
+            _poll_once(client, item, reporter, out_dir=out_dir, output=output, used=used)
+        if deadline is not None and time.monotonic() >= deadline:
+            for item in items:
+                if not item.finished and item.job is not None:
+                    _record_error(item, WaitTimeout(item.job.id, timeout or 0.0), reporter)
+            return
+        if any(not item.finished for item in items):
+            time.sleep(poll_interval)
+
+
+def _poll_once(
+    client: SpaSemSRClient,
+    item: Tracked,
+    reporter: Reporter,
+    *,
+    out_dir: Path | None,
+    output: Path | None,
+    used: set[Path],
+) -> None:
+    assert item.job is not None
+    try:
+        job = client.get(item.job.id)
+        if job.status is JobStatus.SUCCEEDED and out_dir is not None:
+            target = output or output_path_for(item, job, out_dir, used)
+            item.output = client.download(job.id, target)
+    except ClientError as error:
+        _record_error(item, error, reporter)
+        return
+    item.job = job
+    item.code = STATUS_CODES.get(job.status, ExitCode.OK)
+    reporter.update(item)
+
+
+def cancel_unfinished(client: SpaSemSRClient, items: list[Tracked], reporter: Reporter) -> None:
+    """After Ctrl-C: nothing keeps running on the service for a user who left."""
+    for item in items:
+        if item.job is None or item.finished:
+            continue
+        try:
+            item.job = client.cancel(item.job.id)
+            reporter.note(f"{item.label}: job {item.job.id} cancel requested")
+        except ClientError as error:
+            reporter.note(f"{item.label}: could not cancel job {item.job.id}: {error}")
+        item.code = ExitCode.INTERRUPTED
+
+
+def _record_error(item: Tracked, error: ClientError, reporter: Reporter) -> None:
+    item.error = error
+    item.code = exit_code_for(error)
+    reporter.update(item)
+
+
+def overall_code(items: list[Tracked]) -> ExitCode:
+    return max((item.code for item in items), default=ExitCode.OK)
+
+
+def item_json(item: Tracked) -> dict[str, Any]:
+    error: dict[str, Any] | None = None
+    if item.error is not None:
+        error = {"kind": type(item.error).__name__, "message": str(item.error)}
+        if isinstance(item.error, ProblemError):
+            error.update(item.error.problem.model_dump(mode="json"), status=item.error.status_code)
+    return {
+        "input": str(item.source),
+        "job": item.job.model_dump(mode="json") if item.job else None,
+        "output": str(item.output) if item.output else None,
+        "error": error,
+        "exit_code": int(item.code),
+    }
+
+
+def print_results(items: list[Tracked], *, as_json: bool, waited: bool) -> None:
+    """stdout is for scripts: JSON lines, job ids (``--no-wait``), or ``IN -> OUT`` pairs."""
+    for item in items:
+        if as_json:
+            typer.echo(json.dumps(item_json(item)))
+        elif not waited and item.job is not None:
+            typer.echo(item.job.id)
+        elif item.output is not None:
+            typer.echo(f"{item.source} -> {item.output}")
+
+
+# --- status, cancel, model ----------------------------------------------------------------
+
+
+def job_lines(job: Job) -> list[tuple[str, str]]:
+    rows = [("job", job.id), ("status", describe(job)), ("priority", job.priority)]
+    rows.append(("created", job.created_at.isoformat()))
+    if job.started_at:
+        rows.append(("started", job.started_at.isoformat()))
+    if job.finished_at:
+        rows.append(("finished", job.finished_at.isoformat()))
+    parameters = ", ".join(f"{k}={v}" for k, v in job.parameters.items() if v not in (None, []))
+    rows.append(("parameters", parameters))
+    rows.append(("input", _image_text(job.input.width, job.input.height, job.input.format)))
+    if job.output:
+        rows.append(("output", _image_text(job.output.width, job.output.height, job.output.format)))
+        rows.append(("result", job.links.result))
+    if job.timings:
+        rows.append(("timings", ", ".join(f"{k} {v:.3f} s" for k, v in job.timings.items())))
+    if job.error:
+        rows.append(("error", f"{job.error.title}: {job.error.detail}"))
+    return rows
+
+
+def model_lines(model: ModelDescription) -> list[tuple[str, str]]:
+    return [
+        ("model", f"{model.name} {model.version} ({model.configuration})"),
+        ("weights", model.weights),
+        ("trained", "yes" if model.trained else "no (untrained weights)"),
+        ("device", f"{model.device} ({model.dtype})"),
+        ("workers", str(model.workers)),
+        ("description", model.description),
+    ]
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def _image_text(width: int, height: int, fmt: str) -> str:
+    return f"{width}x{height} {fmt}"

@@ -1,0 +1,155 @@
+"""What the sync and async clients share: request shaping, retry policy, answer decoding."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import IO, TypedDict
+
+import httpx
+
+from client.errors import JobCanceled, JobFailed, error_from_response
+from client.models import (
+    ColorFix,
+    ImageFormat,
+    Job,
+    JobStatus,
+    Priority,
+    SchedulerName,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 503})
+
+ImageSource = str | os.PathLike[str] | bytes | IO[bytes]
+"""A path, the encoded bytes of an image, or a binary file object."""
+
+ProgressHandler = Callable[[Job], object]
+"""Called with the job each time its status, queue position or progress changes."""
+
+
+class JobOptions(TypedDict, total=False):
+    """Parameters of ``POST /v1/jobs``; a missing key takes the service's default."""
+
+    scale: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    color_fix: ColorFix
+    scheduler: SchedulerName
+    tile_size: int
+    output_format: ImageFormat
+    priority: Priority
+    tags: Sequence[str]
+    caption: str
+    webhook: str
+    """URL the service calls when the job ends (when the service has webhooks enabled)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How 429 and 503 answers are retried.
+
+    ``retries`` extra attempts; each waits the answer's ``Retry-After`` when it gives one, else
+    ``backoff`` seconds doubled per attempt. A wait longer than ``max_wait`` is not slept: the
+    error is raised at once so that the caller can decide.
+    """
+
+    retries: int = 3
+    backoff: float = 0.5
+    max_wait: float = 60.0
+
+    def delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or ``None`` to give up."""
+        if attempt >= self.retries:
+            return None
+        wait = retry_after if retry_after is not None else self.backoff * 2**attempt
+        return wait if wait <= self.max_wait else None
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: either delay-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def form_fields(options: JobOptions) -> dict[str, str]:
+    fields = {key: str(value) for key, value in options.items() if key != "tags"}
+    tags = options.get("tags")
+    if tags is not None:
+        fields["tags"] = tags if isinstance(tags, str) else ",".join(tags)
+    return fields
+
+
+def image_part(source: ImageSource, filename: str | None) -> tuple[str, bytes, str]:
+    """``(filename, bytes, media type)`` of the ``image`` part; read once so retries resend it."""
+    if isinstance(source, bytes):
+        data, name = source, filename or "image"
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        data, name = path.read_bytes(), filename or path.name
+    else:
+        data = source.read()
+        name = filename or Path(str(getattr(source, "name", "image"))).name
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return name, data, media_type
+
+
+def retry_after_of(response: httpx.Response) -> float | None:
+    return parse_retry_after(response.headers.get("retry-after"))
+
+
+def should_retry(response: httpx.Response) -> bool:
+    return response.status_code in RETRY_STATUSES
+
+
+def raise_for_problem(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        raise error_from_response(response, retry_after=retry_after_of(response))
+
+
+def decode_job(response: httpx.Response) -> Job:
+    raise_for_problem(response)
+    return Job.model_validate(response.json())
+
+
+def check_outcome(job: Job) -> Job:
+    """The job when it succeeded; its failure as a typed error otherwise."""
+    if job.status is JobStatus.FAILED:
+        raise JobFailed(job)
+    if job.status is JobStatus.CANCELED:
+        raise JobCanceled(job)
+    return job
+
+
+def job_signature(job: Job) -> tuple[object, ...]:
+    """What a progress handler cares about: a change in any of these is reported."""
+    progress = job.progress
+    return (job.status, job.queue_position, progress.stage, progress.step, progress.total)
+
+
+def submit_headers(idempotency_key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+
+
+def build_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+    headers = {"User-Agent": "spasemsr-client/0.1", "Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    headers.update(extra or {})
+    return headers

@@ -1,0 +1,216 @@
+"""The asyncio client: ``AsyncSpaSemSRClient`` (same methods as the sync one, awaitable)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, Unpack
+
+import httpx
+
+from client._common import (
+    DEFAULT_URL,
+    ImageSource,
+    JobOptions,
+    ProgressHandler,
+    RetryPolicy,
+    build_headers,
+    check_outcome,
+    decode_job,
+    form_fields,
+    image_part,
+    job_signature,
+    raise_for_problem,
+    retry_after_of,
+    should_retry,
+    submit_headers,
+)
+from client.errors import ServiceUnreachable, WaitTimeout, error_from_response
+from client.models import Health, Job, ModelDescription
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncSpaSemSRClient:
+    """The asyncio twin of ``SpaSemSRClient``; ``on_progress`` may be sync or async.
+
+    >>> async with AsyncSpaSemSRClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
+    ...     job = await client.submit("photo.png", scale=4)
+    ...     job = await client.wait(job.id)
+    ...     await client.download(job.id, "photo-x4.png")
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=build_headers(api_key, headers),
+            transport=transport,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        image: ImageSource,
+        *,
+        filename: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Unpack[JobOptions],
+    ) -> Job:
+        """Upload an image and queue a job; the job as accepted (``queued``).
+
+        With an ``idempotency_key``, sending the same request again returns the same job.
+        """
+        response = await self._request(
+            "POST",
+            "/v1/jobs",
+            files={"image": image_part(image, filename)},
+            data=form_fields(options),
+            headers=submit_headers(idempotency_key),
+        )
+        return decode_job(response)
+
+    async def get(self, job_id: str) -> Job:
+        return decode_job(await self._request("GET", f"/v1/jobs/{job_id}"))
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, a running one at its next step."""
+        return decode_job(await self._request("DELETE", f"/v1/jobs/{job_id}"))
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 0.25,
+        on_progress: ProgressHandler | None = None,
+        raise_on_failure: bool = True,
+    ) -> Job:
+        """Poll until the job ends (see ``SpaSemSRClient.wait``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple[object, ...] | None = None
+        while True:
+            job = await self.get(job_id)
+            if on_progress is not None and job_signature(job) != seen:
+                seen = job_signature(job)
+                outcome = on_progress(job)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            if job.is_terminal:
+                return check_outcome(job) if raise_on_failure else job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(job_id, timeout or 0.0)
+            await asyncio.sleep(poll_interval)
+
+    async def result(self, job_id: str) -> bytes:
+        """The result image's bytes (``JobNotFinished`` until the job succeeded)."""
+        response = await self._request("GET", f"/v1/jobs/{job_id}/result", follow_redirects=True)
+        return response.content
+
+    async def download(self, job_id: str, path: str | Path) -> Path:
+        """Stream the result to ``path`` (written to a temporary sibling, then renamed)."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".part")
+        try:
+            async with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/result", follow_redirects=True
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise_for_problem(response)
+                with partial.open("wb") as out:
+                    async for chunk in response.aiter_bytes():
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            partial.unlink(missing_ok=True)
+            raise ServiceUnreachable(f"cannot reach {self.base_url}: {exc}") from exc
+        partial.replace(target)
+        return target
+
+    async def upscale(
+        self,
+        image: ImageSource,
+        out: str | Path,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressHandler | None = None,
+        filename: str | None = None,
+        **options: Unpack[JobOptions],
+    ) -> Job:
+        """Submit, wait and download in one call; the finished job."""
+        job = await self.submit(image, filename=filename, **options)
+        job = await self.wait(job.id, timeout=timeout, on_progress=on_progress)
+        await self.download(job.id, out)
+        return job
+
+    async def model(self) -> ModelDescription:
+        response = await self._request("GET", "/v1/model")
+        return ModelDescription.model_validate(response.json())
+
+    async def health(self) -> Health:
+        return await self._health("/healthz")
+
+    async def ready(self) -> Health:
+        """Readiness (Redis, storage, a warm worker); ``ServiceUnavailable`` when not ready."""
+        return await self._health("/readyz")
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    async def _health(self, path: str) -> Health:
+        response = await self._http_send("GET", path)
+        raise_for_problem(response)
+        return Health.model_validate(response.json())
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send, retrying 429/503 as the policy says; raise the typed error of any 4xx/5xx."""
+        attempt = 0
+        while True:
+            response = await self._http_send(method, path, **kwargs)
+            if not should_retry(response):
+                raise_for_problem(response)
+                return response
+            retry_after = retry_after_of(response)
+            delay = self.retry.delay(attempt, retry_after)
+            if delay is None:
+                raise error_from_response(response, retry_after=retry_after)
+            logger.info("%s %s: %d, retrying in %.1f s", method, path, response.status_code, delay)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _http_send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"cannot reach {self.base_url}: {exc}") from exc

@@ -1,0 +1,218 @@
+"""The blocking client: ``SpaSemSRClient``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, Unpack
+
+import httpx
+
+from client._common import (
+    DEFAULT_URL,
+    ImageSource,
+    JobOptions,
+    ProgressHandler,
+    RetryPolicy,
+    build_headers,
+    check_outcome,
+    decode_job,
+    form_fields,
+    image_part,
+    job_signature,
+    raise_for_problem,
+    retry_after_of,
+    should_retry,
+    submit_headers,
+)
+from client.errors import ServiceUnreachable, WaitTimeout, error_from_response
+from client.models import Health, Job, ModelDescription
+
+logger = logging.getLogger(__name__)
+
+
+class SpaSemSRClient:
+    """Talks to a SpaSemSR Serve instance over its v1 HTTP API.
+
+    >>> with SpaSemSRClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
+    ...     job = client.submit("photo.png", scale=4, steps=20)
+    ...     job = client.wait(job.id, on_progress=lambda j: print(j.status, j.progress))
+    ...     client.download(job.id, "photo-x4.png")
+
+    ``timeout`` bounds each HTTP request (seconds); ``retry`` says how 429 and 503 answers are
+    retried (honouring ``Retry-After``). Every failure is a ``client.errors.ClientError``.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        headers: dict[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout,
+            headers=build_headers(api_key, headers),
+            transport=transport,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- the API ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        image: ImageSource,
+        *,
+        filename: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Unpack[JobOptions],
+    ) -> Job:
+        """Upload an image and queue a job; the job as accepted (``queued``).
+
+        With an ``idempotency_key``, sending the same request again returns the same job.
+        """
+        response = self._request(
+            "POST",
+            "/v1/jobs",
+            files={"image": image_part(image, filename)},
+            data=form_fields(options),
+            headers=submit_headers(idempotency_key),
+        )
+        return decode_job(response)
+
+    def get(self, job_id: str) -> Job:
+        return decode_job(self._request("GET", f"/v1/jobs/{job_id}"))
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, a running one at its next step."""
+        return decode_job(self._request("DELETE", f"/v1/jobs/{job_id}"))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 0.25,
+        on_progress: ProgressHandler | None = None,
+        raise_on_failure: bool = True,
+    ) -> Job:
+        """Poll until the job ends; ``on_progress`` sees every change of status or progress.
+
+        Raises ``JobFailed`` / ``JobCanceled`` when it did not succeed (unless
+        ``raise_on_failure`` is false) and ``WaitTimeout`` after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple[object, ...] | None = None
+        while True:
+            job = self.get(job_id)
+            if on_progress is not None and job_signature(job) != seen:
+                seen = job_signature(job)
+                on_progress(job)
+            if job.is_terminal:
+                return check_outcome(job) if raise_on_failure else job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(job_id, timeout or 0.0)
+            time.sleep(poll_interval)
+
+    def result(self, job_id: str) -> bytes:
+        """The result image's bytes (``JobNotFinished`` until the job succeeded)."""
+        return self._request("GET", f"/v1/jobs/{job_id}/result", follow_redirects=True).content
+
+    def download(self, job_id: str, path: str | Path) -> Path:
+        """Stream the result to ``path`` (written to a temporary sibling, then renamed)."""
+        target = Path(path)
+        partial = target.with_name(target.name + ".part")
+        try:
+            with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/result", follow_redirects=True
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for_problem(response)
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            partial.unlink(missing_ok=True)
+            raise ServiceUnreachable(f"cannot reach {self.base_url}: {exc}") from exc
+        partial.replace(target)
+        return target
+
+    def upscale(
+        self,
+        image: ImageSource,
+        out: str | Path,
+        *,
+        timeout: float | None = None,
+        on_progress: ProgressHandler | None = None,
+        filename: str | None = None,
+        **options: Unpack[JobOptions],
+    ) -> Job:
+        """Submit, wait and download in one call; the finished job."""
+        job = self.submit(image, filename=filename, **options)
+        job = self.wait(job.id, timeout=timeout, on_progress=on_progress)
+        self.download(job.id, out)
+        return job
+
+    def model(self) -> ModelDescription:
+        response = self._request("GET", "/v1/model")
+        return ModelDescription.model_validate(response.json())
+
+    def health(self) -> Health:
+        return self._health("/healthz")
+
+    def ready(self) -> Health:
+        """Readiness (Redis, storage, a warm worker); ``ServiceUnavailable`` when not ready."""
+        return self._health("/readyz")
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _health(self, path: str) -> Health:
+        response = self._http_send("GET", path)
+        raise_for_problem(response)
+        return Health.model_validate(response.json())
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send, retrying 429/503 as the policy says; raise the typed error of any 4xx/5xx."""
+        attempt = 0
+        while True:
+            response = self._http_send(method, path, **kwargs)
+            if not should_retry(response):
+                raise_for_problem(response)
+                return response
+            retry_after = retry_after_of(response)
+            delay = self.retry.delay(attempt, retry_after)
+            if delay is None:
+                raise error_from_response(response, retry_after=retry_after)
+            logger.info("%s %s: %d, retrying in %.1f s", method, path, response.status_code, delay)
+            time.sleep(delay)
+            attempt += 1
+
+    def _http_send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(f"cannot reach {self.base_url}: {exc}") from exc

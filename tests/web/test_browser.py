@@ -1,0 +1,218 @@
+"""The web page end to end in headless Chromium against a live service (Lanczos workers).
+
+Screenshots go to ``var/test-artifacts/web/``.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+from playwright.sync_api import expect
+from redis import Redis
+
+from core.workers import ModelInfo, WorkerInfo, WorkerRegistry, WorkerState
+from tests.conftest import ServiceProcesses, png_bytes
+
+# Records every text the job status cells show, so that fleeting states are not missed.
+RECORD_STATUSES = """
+window.__statuses = {};
+new MutationObserver(() => {
+  for (const job of document.querySelectorAll('.job')) {
+    const name = job.querySelector('.job-name').textContent;
+    const text = job.querySelector('.job-status').textContent;
+    const seen = (window.__statuses[name] = window.__statuses[name] || []);
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def _only_this_origin(urls: list[str], origin: str) -> None:
+    foreign = [u for u in urls if not u.startswith((origin + "/", "blob:", "data:"))]
+    assert foreign == [], foreign
+
+
+def test_upload_watch_progress_compare_and_download(
+    page: Any, requested: list[str], web_service: Any, artifacts: Path
+) -> None:
+    page.add_init_script(RECORD_STATUSES)
+    page.goto(web_service.url + "/")
+    expect(page.locator("#model-name")).to_have_text("lanczos 1")
+    assert page.locator("#model-warning").is_hidden()  # Lanczos has nothing to train
+    page.screenshot(path=str(artifacts / "01-form.png"), full_page=True)
+
+    page.set_input_files(
+        "#files",
+        [
+            {"name": "first.png", "mimeType": "image/png", "buffer": png_bytes(24, 16)},
+            {"name": "second.png", "mimeType": "image/png", "buffer": png_bytes(40, 30)},
+        ],
+    )
+    assert "2 files" in page.inner_text("#file-list")
+    page.select_option("#scale", "2")
+    page.fill("#seed", "7")
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='succeeded'] >> nth=1")
+    page.wait_for_selector("#viewer:not([hidden])")
+    # (string predicates would need 'unsafe-eval', which the page's CSP rightly refuses)
+    expect(page.locator("#after-image")).to_have_js_property("complete", True)
+    page.screenshot(path=str(artifacts / "02-jobs-done.png"), full_page=True)
+
+    for statuses in page.evaluate("window.__statuses").values():
+        assert statuses[0] == "uploading"
+        assert any(s.startswith("queued") for s in statuses), statuses
+        assert statuses[-1] == "succeeded"
+    assert page.locator(".job-progress").first.evaluate("bar => bar.value") == 1
+
+    # The slider shows the result at full resolution: one image pixel per CSS pixel at 100%.
+    name = page.inner_text("#viewer-name")
+    source = {"first.png": (24, 16), "second.png": (40, 30)}[name]
+    natural = page.eval_on_selector("#after-image", "i => [i.naturalWidth, i.naturalHeight]")
+    assert natural == [source[0] * 2, source[1] * 2]
+    box = page.locator("#compare").bounding_box()
+    assert (round(box["width"]), round(box["height"])) == (source[0] * 2, source[1] * 2)
+
+    # Keyboard: the divider moves with the arrow keys, zoom with '+'.
+    page.focus("#compare-position")
+    for _ in range(10):
+        page.keyboard.press("ArrowLeft")
+    assert page.eval_on_selector("#compare-position", "e => e.value") == "40"
+    clip = page.eval_on_selector("#before-image", "e => e.style.clipPath")
+    assert clip.replace("px", "") == "inset(0 60% 0 0)"
+    page.focus("#viewport")
+    for _ in range(3):
+        page.keyboard.press("+")
+    assert page.inner_text("#zoom-value") == "800%"
+    box = page.locator("#compare").bounding_box()
+    assert round(box["width"]) == source[0] * 2 * 8
+    page.screenshot(path=str(artifacts / "03-compare-zoomed.png"), full_page=True)
+
+    with page.expect_download() as info:
+        page.click("#viewer-download")
+    download = info.value
+    assert download.suggested_filename == f"{Path(name).stem}.x2.png"
+    saved = Path(download.path()).read_bytes()
+    job_id = page.locator(".job", has_text=name).get_attribute("data-job-id")
+    served = httpx.get(f"{web_service.url}/v1/jobs/{job_id}/result").content
+    assert saved == served
+    assert Image.open(io.BytesIO(saved)).size == (source[0] * 2, source[1] * 2)
+    _only_this_origin(requested, web_service.url)
+
+
+def test_rejected_uploads_show_the_problem_titles(
+    page: Any, requested: list[str], web_service: Any, artifacts: Path
+) -> None:
+    page.goto(web_service.url + "/")
+    # Dropped onto the drop zone: a text file that calls itself a PNG (415) ...
+    page.evaluate(
+        """() => {
+          const data = new DataTransfer();
+          data.items.add(new File(['not an image'], 'fake.png', {type: 'image/png'}));
+          const zone = document.getElementById('dropzone');
+          zone.dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+        }"""
+    )
+    assert page.inner_text("#file-list") == "1 file: fake.png"
+    assert page.evaluate("document.activeElement.id") == "submit"
+    page.keyboard.press("Enter")
+    rejected = page.locator(".job[data-status='rejected']", has_text="fake.png")
+    rejected.wait_for()
+    assert rejected.locator(".problem-title").inner_text() == "Unsupported image format"
+    assert "PNG, JPEG or WebP" in rejected.locator(".job-error").inner_text()
+
+    # ... and a parameter the form allows but the service refuses (a tag over 64 chars: 422).
+    page.fill("#tags", "x" * 80)
+    page.set_input_files(
+        "#files", {"name": "good.png", "mimeType": "image/png", "buffer": png_bytes()}
+    )
+    page.click("#submit")
+    refused = page.locator(".job[data-status='rejected']", has_text="good.png")
+    refused.wait_for()
+    assert refused.locator(".problem-title").inner_text() == "Invalid parameters"
+    assert refused.locator(".job-error").get_attribute("role") == "alert"
+    page.screenshot(path=str(artifacts / "04-rejected.png"), full_page=True)
+
+    # Out-of-bounds values never leave the page: the browser's own validation stops them.
+    page.fill("#steps", "500")
+    before = page.locator(".job").count()
+    page.click("#submit")
+    assert page.eval_on_selector("#steps", "e => e.validity.rangeOverflow") is True
+    assert page.locator(".job").count() == before
+    _only_this_origin(requested, web_service.url)
+
+
+def test_untrained_weights_are_announced(
+    page: Any, workerless_service: ServiceProcesses, artifacts: Path
+) -> None:
+    # The only warm worker announces untrained SpaSemSR weights (as the tiny demo pipeline
+    # does); no worker process is needed to render the page header.
+    connection = Redis.from_url(workerless_service.env["SPASEMSR_REDIS__URL"])
+    registry = WorkerRegistry(connection, prefix="spasemsr")
+    registry.announce(
+        WorkerInfo(
+            name="gpu-0",
+            state=WorkerState.IDLE,
+            model=ModelInfo(
+                name="spasemsr",
+                version="0.1",
+                configuration="tiny",
+                weights="seeded random",
+                trained=False,
+                device="cuda:0",
+                dtype="float16",
+            ),
+            pid=1,
+            hostname="test",
+            started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        ),
+        ttl_seconds=60,
+    )
+    try:
+        page.goto(workerless_service.url + "/")
+        warning = page.locator("#model-warning")
+        warning.wait_for(state="visible")
+        assert warning.get_attribute("role") == "alert"
+        assert "untrained" in warning.inner_text().lower()
+        assert page.inner_text("#model-name") == "spasemsr 0.1"
+        assert "cuda:0" in page.inner_text("#model-details")
+        page.screenshot(path=str(artifacts / "05-untrained-warning.png"), full_page=True)
+    finally:
+        registry.remove("gpu-0")
+        connection.close()
+
+
+def test_queue_position_is_shown_until_a_worker_takes_the_jobs(
+    page: Any, requested: list[str], workerless_service: ServiceProcesses, artifacts: Path
+) -> None:
+    # Runs last in this module: it starts the worker that the service had been waiting for.
+    service = workerless_service
+    page.goto(service.url + "/")
+    expect(page.locator("#model-name")).to_have_text("unavailable")
+    assert "No warm worker" in page.inner_text("#model-details")
+    page.set_input_files(
+        "#files",
+        [
+            {"name": f"q{i}.png", "mimeType": "image/png", "buffer": png_bytes(20 + i, 16)}
+            for i in range(2)
+        ],
+    )
+    page.select_option("#scale", "2")
+    page.click("#submit")
+    first = page.locator(".job", has_text="q0.png").locator(".job-status")
+    second = page.locator(".job", has_text="q1.png").locator(".job-status")
+    expect(first).to_have_text("queued (next)")
+    expect(second).to_have_text("queued (1 ahead)")
+    # Waiting is shown as an indeterminate bar (no value), not as 0 % done.
+    assert page.locator(".job-progress").first.evaluate("b => b.hasAttribute('value')") is False
+    page.screenshot(path=str(artifacts / "06-queued.png"), full_page=True)
+
+    service.start_worker()
+    expect(first).to_have_text("succeeded")
+    expect(second).to_have_text("succeeded")
+    expect(page.locator("#model-name")).to_have_text("lanczos 1", timeout=10_000)
+    _only_this_origin(requested, service.url)
