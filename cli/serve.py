@@ -52,11 +52,17 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
         stack.callback(_stop_all, children)
         url = f"http://{settings.api.host}:{settings.api.port}"
         print(f"SpaSemSR Serve is starting at {url}  (docs: {url}/docs; Ctrl-C stops it)")
-        return _wait(children)
+        return _supervise(children, env)
 
 
-def _wait(children: list[subprocess.Popen[bytes]]) -> int:
+MAX_RESTARTS_PER_MINUTE = 5
+
+
+def _supervise(children: list[subprocess.Popen[bytes]], env: dict[str, str]) -> int:
+    """Wait for Ctrl-C or SIGTERM; restart a worker that dies (a fatal device error makes a
+    worker exit on purpose), but stop everything if the API dies or workers crash in a loop."""
     stop = False
+    restarts: list[float] = []
 
     def _request_stop(signum: int, frame: object) -> None:
         nonlocal stop
@@ -65,11 +71,19 @@ def _wait(children: list[subprocess.Popen[bytes]]) -> int:
     signal.signal(signal.SIGTERM, _request_stop)
     try:
         while not stop:
-            for child in children:
-                code = child.poll()
-                if code is not None:
-                    logger.error("process %s exited with %s; stopping", child.args, code)
+            if (code := children[0].poll()) is not None:
+                logger.error("the API exited with %s; stopping", code)
+                return code or 1
+            for index, child in enumerate(children[1:], start=1):
+                if (code := child.poll()) is None:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+                    logger.error("workers keep exiting (last code %s); stopping", code)
                     return code or 1
+                logger.warning("worker exited with %s; starting a new one", code)
+                children[index] = subprocess.Popen(worker_command(), env=env)
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+from redis import Redis
 
+from core.workers import WorkerRegistry
 from tests.conftest import ROOT, free_port
 
 
@@ -55,7 +57,16 @@ def test_serve_runs_the_demo_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
             source.width * 2,
             source.height * 2,
         )
-        assert (var / "v" / "redis" / "redis.sock").exists()
+        socket_path = var / "v" / "redis" / "redis.sock"
+        assert socket_path.exists()
+        # A worker that dies (as on a fatal device error) is replaced by the supervisor.
+        registry = WorkerRegistry(Redis(unix_socket_path=str(socket_path)), prefix="spasemsr")
+        (first,) = registry.warm()
+        os.kill(first.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not [w for w in registry.warm() if w.pid != first.pid]:
+            assert time.monotonic() < deadline, "no new worker after the old one died"
+            time.sleep(0.3)
     finally:
         serve.send_signal(signal.SIGINT)
         output, _ = serve.communicate(timeout=60)
