@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from core.jobs import (
     MAX_CAPTION_CHARS,
@@ -25,7 +25,11 @@ from core.workers import ModelInfo
 class JobCreate(BaseModel):
     """Form fields of ``POST /v1/jobs`` (beside the ``image`` file part)."""
 
-    scale: Annotated[int, Field(description="Upscaling factor: 2 or 4.")] = 4
+    # An int checked by a validator rather than Literal[2, 4]: form fields arrive as text,
+    # and pydantic does not coerce "4" into an integer literal.
+    scale: Annotated[
+        int, Field(description="Upscaling factor: 2 or 4.", json_schema_extra={"enum": [2, 4]})
+    ] = 4
     steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")] = 20
     guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
     seed: Annotated[int | None, Field(ge=0, le=2**32 - 1)] = None
@@ -44,6 +48,13 @@ class JobCreate(BaseModel):
         str | None,
         Field(max_length=2048, description="POSTed (HMAC-signed) when the job ends."),
     ] = None
+
+    @field_validator("scale")
+    @classmethod
+    def _supported_scale(cls, scale: int) -> int:
+        if scale not in (2, 4):
+            raise ValueError("Input should be 2 or 4")
+        return scale
 
     def parameters(self) -> JobParameters:
         tags = tuple(t for t in (self.tags or "").split(",") if t.strip())
