@@ -1,4 +1,4 @@
-"""The grounded prompt: what the spatial-aware MM model hands the diffusion pipeline (DESIGN 1.2)."""
+"""The grounded prompt: what the spatial-aware MM model hands the pipeline (DESIGN 1.2)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True, kw_only=True)
 class GroundedPrompt:
-    """Object tags with one box each (a tag repeats for several instances) and a degradation caption."""
+    """Object tags with one box each (a tag repeats per instance) and a degradation caption."""
 
     tags: tuple[str, ...] = ()
     boxes: tuple[Box, ...] = ()
     caption: str = ""
     estimates: dict[str, float] = field(default_factory=dict)
-    """Measured degradation estimates (noise, blur, blockiness, ...), when the grounder made them."""
+    """Measured degradation estimates (noise, blur, blockiness, ...) from the grounder."""
 
     def __post_init__(self) -> None:
         if len(self.tags) != len(self.boxes):
@@ -27,7 +27,7 @@ class GroundedPrompt:
         for box in self.boxes:
             x0, y0, x1, y1 = box
             if not (0.0 <= x0 <= x1 <= 1.0 and 0.0 <= y0 <= y1 <= 1.0):
-                raise ValueError(f"box {box} is not a normalised [x_lu, y_lu, x_rb, y_rb] in [0, 1]")
+                raise ValueError(f"box {box} is not a normalised [x_lu, y_lu, x_rb, y_rb] box")
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,170 @@
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+"""Semantic-enhanced visual guidance (arXiv 2603.14112, Fig. 2b; DESIGN 1.2 step 5).
+
+Two trained encoders read the (bicubically upsampled) LR image:
+
+* the **image encoder**, latent-shaped, trained towards ``VAE(HR)`` (the "VAE degradation" term
+  of ``L_SemDeg``, Eq. 11-12). Ours [I] is the SD VAE encoder architecture (diffusers
+  ``Encoder``) with a single latent output, initialised from the VAE so that it starts at the
+  scaled VAE latent;
+* the **semantic encoder**, trained towards ``SAM(HR)`` (the "semantic degradation" term). Ours
+  [I] is transformers' ``SamVisionModel``, initialised from SAM; its ``(C_sam, 64, 64)``
+  embedding of a 1024-px SAM input is resized to the latent grid.
+
+``f = concat(ImageEncoder(LR), SemanticEncoder(LR))`` enters the ControlNet through a
+zero-initialised convolution (:class:`GuidanceFusion`) added to its first block's features
+[F]/[I].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.autoencoders.vae import Encoder
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+from transformers import SamVisionModel
+
+from model.attention import zero_module
+
+SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
+SAM_PIXEL_STD = (0.229, 0.224, 0.225)
+
+
+class ImageEncoder(ModelMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' own mixins disagree on config_name
+    """LR image in ``[-1, 1]`` -> ``(B, latent_channels, H / 8, W / 8)``, meant to match the scaled
+    ``VAE(HR)``."""
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",) * 4,
+        block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        act_fn: str = "silu",
+        mid_block_add_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            down_block_types=tuple(down_block_types),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            act_fn=act_fn,
+            double_z=False,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        latent: torch.Tensor = self.encoder(image)
+        return latent
+
+    @classmethod
+    def from_vae(cls, vae: AutoencoderKL) -> ImageEncoder:
+        """Start from the VAE encoder, folding ``quant_conv``'s mean half and the latent scaling
+        into ``conv_out``.
+
+        At initialisation ``ImageEncoder(x) == (VAE.encode(x).mode() - shift) * scaling_factor``
+        exactly up to float rounding, i.e. the target of the VAE-degradation constraint evaluated
+        on its input.
+        """
+        config = vae.config
+        image_encoder: ImageEncoder = cls(
+            in_channels=config["in_channels"],
+            latent_channels=config["latent_channels"],
+            down_block_types=tuple(config["down_block_types"]),
+            block_out_channels=tuple(config["block_out_channels"]),
+            layers_per_block=config["layers_per_block"],
+            norm_num_groups=config["norm_num_groups"],
+            act_fn=config["act_fn"],
+            mid_block_add_attention=config.get("mid_block_add_attention", True),
+        )
+        state = {k: v.detach().clone() for k, v in vae.encoder.state_dict().items()}
+        weight, bias = state.pop("conv_out.weight"), state.pop("conv_out.bias")
+        latent = config["latent_channels"]
+        if vae.quant_conv is not None:
+            mix = vae.quant_conv.weight.detach()[:latent, :, 0, 0]
+            weight = torch.einsum("om,mikl->oikl", mix, weight)
+            assert vae.quant_conv.bias is not None
+            bias = mix @ bias + vae.quant_conv.bias.detach()[:latent]
+        else:
+            weight, bias = weight[:latent], bias[:latent]
+        scale = float(config["scaling_factor"])
+        shift = float(config.get("shift_factor") or 0.0)
+        state["conv_out.weight"] = weight * scale
+        state["conv_out.bias"] = (bias - shift) * scale
+        image_encoder.encoder.load_state_dict(state)
+        if image_encoder.dtype != vae.dtype:
+            image_encoder.to(dtype=vae.dtype)  # type: ignore[call-arg]  # diffusers wraps `to`
+        return image_encoder
+
+
+def sam_pixel_values(images: torch.Tensor, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """SAM's preprocessing on ``[-1, 1]`` images: longest side to ``image_size``, ImageNet
+    normalisation, zero padding to a square at the bottom and right. Returns the pixels and the
+    unpadded ``(h, w)``."""
+    height, width = images.shape[-2:]
+    ratio = image_size / max(height, width)
+    new_h, new_w = max(1, round(height * ratio)), max(1, round(width * ratio))
+    x = (images.float() + 1.0) / 2.0
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(
+            x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    x = F.pad(x, (0, image_size - new_w, 0, image_size - new_h))
+    return x.to(images.dtype), (new_h, new_w)
+
+
+def semantic_features(
+    semantic_encoder: SamVisionModel, images: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """The semantic encoder's embedding of ``images`` (``[-1, 1]``), cropped to the unpadded region
+    and resized to the latent grid ``size``: ``(B, output_channels, *size)``."""
+    configured = semantic_encoder.config.image_size
+    image_size = configured if isinstance(configured, int) else int(configured[0])
+    pixel_values, (valid_h, valid_w) = sam_pixel_values(
+        images.to(semantic_encoder.dtype), image_size
+    )
+    embedding = semantic_encoder(pixel_values=pixel_values).last_hidden_state
+    grid = embedding.shape[-1]
+    rows = max(1, math.ceil(valid_h * grid / image_size))
+    cols = max(1, math.ceil(valid_w * grid / image_size))
+    embedding = embedding[..., :rows, :cols]
+    return F.interpolate(embedding, size=size, mode="bilinear", align_corners=False)
+
+
+def visual_guidance(
+    image_encoder: ImageEncoder, semantic_encoder: SamVisionModel, images: torch.Tensor
+) -> torch.Tensor:
+    """``f = concat(ImageEncoder(LR), SemanticEncoder(LR))`` at latent resolution (Fig. 2b, the
+    circled C)."""
+    latent = image_encoder(images.to(image_encoder.dtype))
+    semantic = semantic_features(semantic_encoder, images, size=latent.shape[-2:])
+    return torch.cat([latent, semantic.to(latent.dtype)], dim=1)
+
+
+class GuidanceFusion(nn.Module):
+    """The zero-initialised projection of ``f`` into the ControlNet's first block [F]/[I].
+
+    Zero at initialisation, so a fresh ControlNet's features do not depend on the guidance yet.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.proj = zero_module(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+
+    def forward(self, guidance: torch.Tensor) -> torch.Tensor:
+        projected: torch.Tensor = self.proj(guidance)
+        return projected

@@ -1,0 +1,166 @@
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+"""The SpaSemSR upscaler: the worker's default model, on the :class:`model.upscaler.Upscaler`
+protocol.
+
+Grounding (a request's explicit prompt, else the grounder, else a default prompt built from the
+request's hints) happens once per image, then :class:`model.pipeline.SpaSemSRPipeline` runs
+(arXiv 2603.14112, Fig. 2). Progress is reported as ``(stage, step, total)`` with stages
+``grounding``, ``encode``, ``denoise`` (after every step, 1..N) and ``decode``; an exception
+raised by the callback propagates unchanged, which is how the worker cancels a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from model.pipeline import SpaSemSRPipeline
+from model.prompt import GroundedPrompt, Grounder
+from model.text import DEFAULT_NEGATIVE_PROMPT, default_prompt
+from model.upscaler import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
+
+logger = logging.getLogger(__name__)
+
+VERSION = "1"
+"""Version of the SpaSemSR pipeline code (blocks and sampling), shown on the model card."""
+
+
+class SpaSemSRUpscaler:
+    """SpaSemSR behind the worker's upscaler interface. Build it with :meth:`from_pretrained`."""
+
+    def __init__(
+        self,
+        pipeline: SpaSemSRPipeline,
+        *,
+        weights: str,
+        grounder: Grounder | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.grounder = grounder
+        trained = bool(pipeline.config.get("trained", False))
+        configuration = str(pipeline.config.get("configuration", "custom"))
+        dtype = str(pipeline.unet.dtype).removeprefix("torch.")
+        description = (
+            "SpaSemSR spatial-semantic guided diffusion super-resolution (arXiv 2603.14112)"
+            f", {configuration} configuration"
+        )
+        if not trained:
+            description += "; UNTRAINED weights: outputs are not meaningful super-resolution"
+        self._card = ModelCard(
+            name="spasemsr",
+            version=VERSION,
+            configuration=configuration,
+            weights=weights,
+            trained=trained,
+            device=str(pipeline.device),
+            dtype=dtype,
+            description=description,
+        )
+        if not trained:
+            logger.warning(
+                "SpaSemSR pipeline at %s has untrained weights (%s)", weights, configuration
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        grounder: Grounder | None = None,
+    ) -> SpaSemSRUpscaler:
+        """Load a saved pipeline folder (``model_index.json`` + components) onto ``device`` in
+        ``dtype``."""
+        pipeline = SpaSemSRPipeline.from_pretrained(str(path), dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        pipeline = pipeline.to(device)
+        return cls(pipeline, weights=str(path), grounder=grounder)
+
+    @property
+    def card(self) -> ModelCard:
+        return self._card
+
+    def warm_up(self) -> None:
+        """One small run through every stage (kernels, allocator, lazy initialisation)."""
+        started = time.perf_counter()
+        image = Image.new("RGB", (16, 16), (128, 128, 128))
+        self.upscale(image, UpscaleOptions(scale=2, steps=2, seed=0))
+        logger.info("SpaSemSR warmed up in %.2f s", time.perf_counter() - started)
+
+    def _ground(
+        self, image: Image.Image, options: UpscaleOptions
+    ) -> tuple[GroundedPrompt, str, dict[str, float]]:
+        if options.prompt is not None:
+            return options.prompt, "request", {}
+        if self.grounder is not None:
+            grounding = self.grounder.ground(
+                image, tags_hint=options.tags_hint, caption_hint=options.caption_hint
+            )
+            return grounding.prompt, "grounder", dict(grounding.timings)
+        return (
+            default_prompt(tags_hint=options.tags_hint, caption_hint=options.caption_hint),
+            "default",
+            {},
+        )
+
+    def _now(self) -> float:
+        if self.pipeline.device.type == "cuda":
+            torch.cuda.synchronize(self.pipeline.device)
+        return time.perf_counter()
+
+    def upscale(
+        self,
+        image: Image.Image,
+        options: UpscaleOptions,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> UpscaleResult:
+        started = self._now()
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        if on_progress is not None:
+            on_progress("grounding", 0, 1)
+        prompt, source, grounding_timings = self._ground(image, options)
+        grounded = self._now()
+        if on_progress is not None:
+            on_progress("grounding", 1, 1)
+
+        seed = options.seed if options.seed is not None else secrets.randbits(31)
+        output = self.pipeline(
+            image,
+            scale=options.scale,
+            prompt=prompt,
+            negative_prompt=(
+                options.negative_prompt
+                if options.negative_prompt is not None
+                else DEFAULT_NEGATIVE_PROMPT
+            ),
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale,
+            scheduler=options.scheduler,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            color_fix=options.color_fix,
+            tile_size=options.tile_size,
+            callback=on_progress,
+        )
+        total = self._now() - started
+        result_image = output.images[0]
+        assert isinstance(result_image, Image.Image)
+        timings = {
+            "grounding": grounded - started,
+            "encode": output.timings["encode"],
+            "denoise": output.timings["denoise"],
+            "decode": output.timings["decode"],
+            "total": total,
+        }
+        details: dict[str, Any] = {
+            "grounding": {**prompt.to_json(), "source": source, "timings": grounding_timings},
+            "seed": seed,
+        }
+        return UpscaleResult(image=result_image, timings=timings, details=details)
