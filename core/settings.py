@@ -121,6 +121,8 @@ class ModelSettings(BaseModel):
     device: str = "auto"
     """``auto`` = CUDA when available, else CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cpu_threads: int | None = Field(default=None, ge=1)
+    """Torch threads when running on the CPU; ``None`` = half the cores, at most 4."""
 
 
 class Settings(BaseSettings):

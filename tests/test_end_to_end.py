@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +123,83 @@ def test_s3_backend_end_to_end_with_presigned_redirect(
         assert keys == {f"results/{job['id']}.png"}  # the input is removed once the job is done
     finally:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def spasemsr_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcesses]:
+    """The default worker: the SpaSemSR pipeline (tiny demo weights) with its grounder."""
+    import tempfile
+
+    redis = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="ssr-e2e-")), appendonly=False).start()
+    service = start_service(
+        redis.url, tmp_path_factory.mktemp("spasemsr"), SPASEMSR_MODEL__CPU_THREADS="1"
+    )
+    yield service
+    service.stop()
+    redis.stop()
+
+
+def test_spasemsr_job_end_to_end(spasemsr_service: ServiceProcesses) -> None:
+    with httpx.Client(base_url=spasemsr_service.url, timeout=60) as client:
+        model = client.get("/v1/model").json()
+        assert (model["name"], model["configuration"], model["trained"]) == (
+            "spasemsr",
+            "tiny",
+            False,
+        )
+        assert model["warnings"] and "untrained" in model["warnings"][0]
+        created = client.post(
+            "/v1/jobs",
+            files={"image": ("in.png", png_bytes(23, 17), "image/png")},
+            data={"scale": "4", "steps": "3", "seed": "7", "tags": "sky, sea"},
+        )
+        assert created.status_code == 202, created.text
+        job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"}, 180)
+        assert job["status"] == "succeeded", job
+        result = client.get(f"/v1/jobs/{job['id']}/result")
+        assert Image.open(io.BytesIO(result.content)).size == (92, 68)
+        timings = job["timings"]
+        assert isinstance(timings, dict)
+        assert {"grounding", "encode", "denoise", "decode", "upscale", "total"} <= set(timings)
+        grounding = job["grounding"]
+        assert isinstance(grounding, dict)
+        assert len(grounding["tags"]) == len(grounding["boxes"])
+        assert {"sky", "sea"} <= set(grounding["tags"])
+        assert grounding["caption"]
+        assert all(0 <= v <= 1 for box in grounding["boxes"] for v in box)
+
+
+def test_spasemsr_running_job_is_canceled_at_its_next_step(
+    spasemsr_service: ServiceProcesses,
+) -> None:
+    with httpx.Client(base_url=spasemsr_service.url, timeout=60) as client:
+        created = client.post(
+            "/v1/jobs",
+            files={"image": ("in.png", png_bytes(32, 32), "image/png")},
+            data={"scale": "4", "steps": "100"},
+        )
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 180
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            progress = job["progress"]
+            if progress["stage"] == "denoise" and progress["step"] >= 1:
+                assert progress["total"] == 100
+                break
+            assert job["status"] in {"queued", "processing"}, job
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+        job = wait_for_status(client, job_id, {"canceled", "succeeded", "failed"}, 60)
+        assert job["status"] == "canceled", job
+        assert job["error"]["type"] == "job-canceled"
+        assert job["progress"]["stage"] == "canceled"
+        # The worker is free again: the next job runs.
+        after = client.post(
+            "/v1/jobs",
+            files={"image": ("in.png", png_bytes(8, 8), "image/png")},
+            data={"scale": "2", "steps": "2"},
+        )
+        assert wait_for_status(client, after.json()["id"], {"succeeded"}, 120)["status"] == (
+            "succeeded"
+        )
