@@ -594,5 +594,83 @@ def upscale(
     typer.echo(f"saved {target} ({size[0]}x{size[1]}); {timings}")
 
 
+@app.command(name="eval", rich_help_panel="Without a service")
+def eval_command(
+    datasets: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="DATASET...",
+            exists=True,
+            file_okay=False,
+            help="Folders laid out like RealSR, DRealSR, DIV2K-val (gt/ + lq/) or RealLR200.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Where the tables go.")] = Path("var/eval"),
+    spasemsr: Annotated[
+        bool, typer.Option(help="Evaluate SpaSemSR too (else only the baselines).")
+    ] = True,
+    steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Images per set.")] = None,
+    clip_model: Annotated[Path | None, typer.Option(help="Local CLIP folder for CLIP-IQA.")] = None,
+    lpips_backbone: Annotated[Path | None, typer.Option(help="LPIPS trunk weights.")] = None,
+    lpips_linear: Annotated[Path | None, typer.Option(help="LPIPS linear weights.")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """PSNR/SSIM (Y) and learned metrics on test sets, with the paper's numbers and baselines."""
+    from cli.offline import evaluate_folders
+
+    _logging(verbose)
+    report = evaluate_folders(
+        datasets,
+        out_dir=out,
+        settings=Settings(),
+        include_spasemsr=spasemsr,
+        steps=steps,
+        seed=seed,
+        max_images=max_images,
+        clip_model=clip_model,
+        lpips_backbone=lpips_backbone,
+        lpips_linear=lpips_linear,
+    )
+    typer.echo(report.markdown)
+    typer.echo(f"written: {report.markdown_path}, {report.csv_path}")
+
+
+@app.command(rich_help_panel="Without a service")
+def weights(
+    output: Annotated[Path, typer.Argument(metavar="OUT", help="Pipeline folder to write.")],
+    base: Annotated[
+        str, typer.Option(help="SD-2 diffusers folder (or hub id where the network allows).")
+    ],
+    sam: Annotated[
+        str | None, typer.Option(help="transformers SAM ViT-B folder (or hub id).")
+    ] = None,
+    blocks: Annotated[
+        Path | None,
+        typer.Option(help="Trained SpaSemSR blocks (a training output); omit for untrained."),
+    ] = None,
+    configuration: Annotated[
+        str, typer.Option(help="Configuration name recorded in the folder.")
+    ] = "sd2",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Assemble a full-size SpaSemSR pipeline folder for SPASEMSR_MODEL__PATH."""
+    from cli.offline import assemble_weights
+
+    try:
+        path = assemble_weights(
+            output,
+            base=base,
+            sam=sam,
+            blocks=blocks,
+            configuration=configuration,
+            overwrite=overwrite,
+        )
+    except (OSError, ValueError) as exc:
+        raise _fail(f"cannot assemble the pipeline: {exc}", ExitCode.USAGE) from exc
+    typer.echo(f"pipeline written to {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,29 @@
+"""The grounding stage (DESIGN 1.1-1.3): DRM, tagger, detector and degradation-aware caption.
+
+``SpaSemSRGrounder`` implements ``model.prompt.Grounder``; ``build_tiny_grounder`` and
+``ensure_demo_grounder`` give the seeded toy version used by tests and the embedded demo.
+"""
+
+from .configs import build_tiny_grounder, ensure_demo_grounder
+from .degradation import CaptionThresholds, DegradationEstimates, estimate_degradations
+from .detector import DetectorSettings, GroundingDinoDetector
+from .drm import RRDBNet, tiled_forward
+from .grounder import GrounderConfig, SpaSemSRGrounder
+from .tagger import ClipTagger, TaggerSettings, TagVocabulary
+
+__all__ = [
+    "CaptionThresholds",
+    "ClipTagger",
+    "DegradationEstimates",
+    "DetectorSettings",
+    "GrounderConfig",
+    "GroundingDinoDetector",
+    "RRDBNet",
+    "SpaSemSRGrounder",
+    "TagVocabulary",
+    "TaggerSettings",
+    "build_tiny_grounder",
+    "ensure_demo_grounder",
+    "estimate_degradations",
+    "tiled_forward",
+]

@@ -1,0 +1,322 @@
+"""Tiny seeded configurations of the grounding models, for tests and the embedded demo.
+
+No machine here reaches a model hub (DESIGN 1.6), so the tiny grounder is built from the real
+classes (RRDBNet, transformers' ``CLIPModel`` and ``GroundingDinoForObjectDetection``) at toy sizes
+with seeded random weights, tokenizers written by the project, then saved and loaded back through
+the same ``from_pretrained`` code as real weights. Its tags and boxes are meaningless; its
+degradation estimates and caption are real measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    BertConfig,
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipImageProcessorPil,
+    BlipProcessor,
+    BlipTextConfig,
+    BlipVisionConfig,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessorPil,
+    SwinConfig,
+)
+
+from ..tiny_tokenizer import load_tiny_clip_tokenizer, write_tiny_clip_tokenizer
+from .captioner import BlipCaptioner
+from .detector import GroundingDinoDetector
+from .drm import RRDBNet
+from .grounder import GrounderConfig, SpaSemSRGrounder
+from .modules import frozen
+from .tagger import ClipTagger, TagVocabulary
+
+logger = logging.getLogger(__name__)
+
+TINY_IMAGE_SIDE = 32
+"""CLIP input side of the tiny tagger."""
+TINY_DETECTOR_SIDE = 64
+"""Shortest side the tiny detector's image processor resizes to."""
+#  Grounding DINO builds its sub-sentence attention masks from BERT's ids of [CLS], [SEP], "." and
+# "?" (transformers' SPECIAL_TOKENS), so a home-made vocabulary must put those tokens at those ids.
+_BERT_FIXED_IDS = {
+    "[PAD]": 0,
+    "[UNK]": 100,
+    "[CLS]": 101,
+    "[SEP]": 102,
+    "[MASK]": 103,
+    ".": 1012,
+    "?": 1029,
+}
+_PUNCTUATION = "!\"#$%&'()*+,-/:;<=>@[\\]^_`{|}~"
+
+
+def bert_vocabulary(words: list[str]) -> list[str]:
+    """A WordPiece vocabulary in BERT's id layout: specials, characters, ``##`` pieces, words."""
+    pieces: list[str] = []
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces += list(characters) + list(_PUNCTUATION) + [f"##{c}" for c in characters]
+    for phrase in words:
+        for word in phrase.lower().replace("-", " ").split():
+            pieces.append(word)
+    free = [p for p in dict.fromkeys(pieces) if p not in _BERT_FIXED_IDS]
+    size = max(max(_BERT_FIXED_IDS.values()) + 1, len(free) + len(_BERT_FIXED_IDS))
+    tokens: list[str | None] = [None] * size
+    for token, index in _BERT_FIXED_IDS.items():
+        tokens[index] = token
+    # Ids 1..99 stay BERT's [unusedN] slots; the rest fill from 104 upwards around the fixed ids.
+    free_slots = (i for i in range(104, size) if tokens[i] is None)
+    for piece, slot in zip(free, free_slots, strict=False):
+        tokens[slot] = piece
+    return [token if token is not None else f"[unused{i}]" for i, token in enumerate(tokens)]
+
+
+def write_tiny_bert_tokenizer(directory: Path, words: list[str]) -> Path:
+    """Write ``vocab.txt`` and the tokenizer files of a lower-casing WordPiece tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(bert_vocabulary(words)) + "\n", encoding="utf-8")
+    BertTokenizer(vocab=str(vocab_file), do_lower_case=True).save_pretrained(directory)
+    return directory
+
+
+def tiny_clip(vocab_size: int, *, bos: int, eos: int, pad: int) -> CLIPModel:
+    text = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=16,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    vision = CLIPVisionConfig(
+        image_size=TINY_IMAGE_SIDE,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=16,
+    )
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    return frozen(CLIPModel(config))
+
+
+def tiny_grounding_dino(vocab_size: int) -> GroundingDinoForObjectDetection:
+    # out_indices is a constructor argument that the strict config type does not declare.
+    swin: dict[str, Any] = dict(
+        image_size=TINY_DETECTOR_SIDE,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_indices=[2, 3, 4],
+    )
+    backbone = SwinConfig(**swin)
+    text = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config = GroundingDinoConfig(
+        backbone_config=backbone,
+        text_config=text,
+        d_model=32,
+        encoder_layers=1,
+        # Two decoder layers: transformers ties every layer's box head to the first one.
+        decoder_layers=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        num_queries=20,
+        # Three levels (the Swin stages): a fourth, strided level would be 1x1 at this size and
+        # GroupNorm over one value per channel is undefined.
+        num_feature_levels=3,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=64,
+    )
+    return frozen(GroundingDinoForObjectDetection(config))
+
+
+def project_tokenizers(vocabulary: TagVocabulary) -> tuple[CLIPTokenizer, BertTokenizer]:
+    """CLIP BPE and BERT WordPiece tokenizers written from the tag vocabulary, loaded back."""
+    words = [*vocabulary.tags, "a", "photo", "of", "an", "image"]
+    with tempfile.TemporaryDirectory() as scratch:
+        clip_tokenizer = load_tiny_clip_tokenizer(
+            write_tiny_clip_tokenizer(Path(scratch) / "clip", words=words, num_merges=300)
+        )
+        bert_tokenizer = BertTokenizer.from_pretrained(
+            write_tiny_bert_tokenizer(Path(scratch) / "bert", words)
+        )
+    return clip_tokenizer, bert_tokenizer
+
+
+def build_tiny_grounder(seed: int = 0) -> SpaSemSRGrounder:
+    """The tiny grounder: every real class at toy size, seeded, tokenizers written locally."""
+    torch.manual_seed(seed)
+    vocabulary = TagVocabulary.default()
+    drm = frozen(RRDBNet(num_features=8, num_blocks=1, growth_channels=4, scale=4))
+    clip_tokenizer, bert_tokenizer = project_tokenizers(vocabulary)
+    clip = tiny_clip(
+        len(clip_tokenizer),
+        bos=int(clip_tokenizer.bos_token_id),
+        eos=int(clip_tokenizer.eos_token_id),
+        pad=int(clip_tokenizer.pad_token_id),
+    )
+    clip_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": TINY_IMAGE_SIDE},
+        crop_size={"height": TINY_IMAGE_SIDE, "width": TINY_IMAGE_SIDE},
+    )
+    dino = tiny_grounding_dino(len(bert_tokenizer))
+    dino_processor = GroundingDinoImageProcessorPil(
+        size={"shortest_edge": TINY_DETECTOR_SIDE, "longest_edge": 2 * TINY_DETECTOR_SIDE}
+    )
+    tagger = ClipTagger(clip, clip_tokenizer, clip_processor, vocabulary)
+    detector = GroundingDinoDetector(dino, bert_tokenizer, dino_processor)
+    # One RRDB block: a receptive radius under 24 input pixels, so 24 of overlap make tiles exact.
+    config = GrounderConfig(drm_tile=128, drm_overlap=24, trained=False)
+    return SpaSemSRGrounder(drm=drm, tagger=tagger, detector=detector, config=config)
+
+
+def build_tiny_blip_captioner(seed: int = 0) -> BlipCaptioner:
+    """A tiny BLIP captioning backend (random weights: its scene words are gibberish)."""
+    torch.manual_seed(seed)
+    _, tokenizer = project_tokenizers(TagVocabulary.default())
+    text = BlipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=64,
+        projection_dim=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        # [CLS] starts generation and [SEP] ends it (real BLIP adds a [DEC] token for the start).
+        bos_token_id=int(tokenizer.cls_token_id),
+        sep_token_id=int(tokenizer.sep_token_id),
+        pad_token_id=int(tokenizer.pad_token_id),
+    )
+    vision = BlipVisionConfig(
+        image_size=TINY_IMAGE_SIDE,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    model = frozen(
+        BlipForConditionalGeneration(
+            BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+        )
+    )
+    processor = BlipProcessor(  # type: ignore[no-untyped-call]
+        image_processor=BlipImageProcessorPil(
+            size={"height": TINY_IMAGE_SIDE, "width": TINY_IMAGE_SIDE}
+        ),
+        tokenizer=tokenizer,
+    )
+    return BlipCaptioner(model, processor, max_new_tokens=6)
+
+
+def build_full_size_grounder(seed: int = 0) -> SpaSemSRGrounder:
+    """Published shapes with random weights, for benchmarks: RRDBNet 23 blocks x4 (BSRNet /
+    RealESRNet), CLIP ViT-L/14 at 224 px, Grounding DINO tiny (Swin-T + BERT-base, 900 queries).
+
+    The tokenizers are the project's small ones (ids fit the full vocabularies); token counts per
+    tag are close to the real ones, so the text side costs about the same.
+    """
+    torch.manual_seed(seed)
+    vocabulary = TagVocabulary.default()
+    clip_tokenizer, bert_tokenizer = project_tokenizers(vocabulary)
+    text = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        bos_token_id=int(clip_tokenizer.bos_token_id),
+        eos_token_id=int(clip_tokenizer.eos_token_id),
+        pad_token_id=int(clip_tokenizer.pad_token_id),
+    )
+    vision = CLIPVisionConfig(
+        image_size=224,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        projection_dim=768,
+    )
+    clip = frozen(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)))
+    dino = frozen(
+        GroundingDinoForObjectDetection(
+            GroundingDinoConfig(text_config=BertConfig(vocab_size=30522))
+        )
+    )
+    tagger = ClipTagger(
+        clip,
+        clip_tokenizer,
+        CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        vocabulary,
+    )
+    detector = GroundingDinoDetector(
+        dino,
+        bert_tokenizer,
+        GroundingDinoImageProcessorPil(size={"shortest_edge": 800, "longest_edge": 1333}),
+    )
+    return SpaSemSRGrounder(drm=frozen(RRDBNet()), tagger=tagger, detector=detector)
+
+
+def ensure_demo_grounder(directory: Path, *, seed: int = 0) -> Path:
+    """Build the tiny grounder once and save it at ``directory``; later calls just return it.
+
+    Safe when several processes race: each builds into its own temporary folder beside the target
+    and renames it into place; a loser finds the folder taken and discards its copy.
+    """
+    directory = Path(directory)
+    if (directory / SpaSemSRGrounder.config_name).is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_tiny_grounder(seed).save_pretrained(scratch)
+        try:
+            scratch.rename(directory)
+        except OSError:
+            # Another process won the race (the target now exists and is not empty).
+            if not (directory / SpaSemSRGrounder.config_name).is_file():
+                raise
+            logger.info("demo grounder at %s was written by another process", directory)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    return directory
