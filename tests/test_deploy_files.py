@@ -23,6 +23,7 @@ def test_compose_has_the_stack() -> None:
         env = services[name]["environment"]
         assert env["SPASEMSR_REDIS__URL"] == "redis://redis:6379/0"
         assert env["SPASEMSR_STORAGE__BACKEND"] == "s3"
+        assert env["SPASEMSR_API__AUTH_REQUIRED"] == "true"  # keys required in production
 
 
 def test_dockerfile_targets_are_non_root_with_health_checks() -> None:

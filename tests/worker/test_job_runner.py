@@ -139,3 +139,58 @@ def test_progress_is_written_to_the_record(runtime: WorkerRuntime) -> None:
         progress = runtime.jobs.get(payload.job_id).progress
         seen.append((progress.stage, progress.step, progress.total))
     assert seen == [("denoise", 1, 3), ("denoise", 2, 3)]
+
+
+class _DeviceFaults(LanczosUpscaler):
+    """The real Lanczos upscaler behind a device that fails the way a GPU does (test edge)."""
+
+    def __init__(self, *, out_of_memory_above: int | None = None, fatal: bool = False) -> None:
+        super().__init__()
+        self.out_of_memory_above = out_of_memory_above
+        self.fatal = fatal
+        self.tile_sizes: list[int] = []
+
+    def upscale(self, image, options, *, on_progress=None):  # type: ignore[no-untyped-def]
+        import torch
+
+        self.tile_sizes.append(options.tile_size)
+        if self.fatal:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        if self.out_of_memory_above is not None and options.tile_size > self.out_of_memory_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().upscale(image, options, on_progress=on_progress)
+
+
+def test_out_of_memory_retries_with_smaller_tiles(runtime: WorkerRuntime) -> None:
+    runtime.upscaler = faulty = _DeviceFaults(out_of_memory_above=256)
+    payload = _submit(runtime, png_bytes(), tile_size=1024)
+    assert JobRunner(runtime, payload).run() == {"status": "succeeded"}
+    assert faulty.tile_sizes == [1024, 512, 256]
+
+
+def test_out_of_memory_at_the_smallest_tiles_fails_clearly(runtime: WorkerRuntime) -> None:
+    runtime.upscaler = _DeviceFaults(out_of_memory_above=0)
+    payload = _submit(runtime, png_bytes(), tile_size=512)
+    assert JobRunner(runtime, payload).run() == {"status": "failed"}
+    error = runtime.jobs.get(payload.job_id).error
+    assert error is not None and error.type == "out-of-memory"
+
+
+def test_a_fatal_device_error_hands_the_job_back_and_exits(runtime: WorkerRuntime) -> None:
+    from core.queue import JobQueue
+    from core.recovery import JobRecovery
+
+    connection = Redis.from_url(runtime.settings.redis.url or "")
+    queue = JobQueue(connection, prefix="spasemsr")
+    runtime.recovery = JobRecovery(
+        connection, prefix="spasemsr", jobs=runtime.jobs, queue=queue, registry=runtime.registry,
+        max_attempts=3, backoff_seconds=0, job_timeout_seconds=60, keep_seconds=600,
+    )  # fmt: skip
+    runtime.upscaler = _DeviceFaults(fatal=True)
+    payload = _submit(runtime, png_bytes())
+    with pytest.raises(SystemExit) as exit_info:
+        JobRunner(runtime, payload).run()
+    assert exit_info.value.code == 70  # the supervisor starts a fresh process
+    record = runtime.jobs.get(payload.job_id)
+    assert record.status is JobStatus.QUEUED and record.attempts == 1
+    assert queue.depth()[Priority.DEFAULT] == 1  # back in line for another worker
