@@ -4,14 +4,16 @@
 ``ensure_demo_grounder`` give the seeded toy version used by tests and the embedded demo.
 """
 
-from .configs import build_tiny_grounder, ensure_demo_grounder
+from .configs import build_tiny_box_masker, build_tiny_grounder, ensure_demo_grounder
 from .degradation import CaptionThresholds, DegradationEstimates, estimate_degradations
 from .detector import DetectorSettings, GroundingDinoDetector
 from .drm import RRDBNet, tiled_forward
 from .grounder import GrounderConfig, SpaSemSRGrounder
+from .masks import BoxMasker
 from .tagger import ClipTagger, TaggerSettings, TagVocabulary
 
 __all__ = [
+    "BoxMasker",
     "CaptionThresholds",
     "ClipTagger",
     "DegradationEstimates",
@@ -22,6 +24,7 @@ __all__ = [
     "SpaSemSRGrounder",
     "TagVocabulary",
     "TaggerSettings",
+    "build_tiny_box_masker",
     "build_tiny_grounder",
     "ensure_demo_grounder",
     "estimate_degradations",

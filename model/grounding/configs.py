@@ -36,6 +36,12 @@ from transformers import (
     GroundingDinoConfig,
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessorPil,
+    SamConfig,
+    SamImageProcessorPil,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
     SwinConfig,
 )
 
@@ -44,6 +50,7 @@ from .captioner import BlipCaptioner
 from .detector import GroundingDinoDetector
 from .drm import RRDBNet
 from .grounder import GrounderConfig, SpaSemSRGrounder
+from .masks import BoxMasker, make_sam_processor
 from .modules import frozen
 from .tagger import ClipTagger, TagVocabulary
 
@@ -53,6 +60,8 @@ TINY_IMAGE_SIDE = 32
 """CLIP input side of the tiny tagger."""
 TINY_DETECTOR_SIDE = 64
 """Shortest side the tiny detector's image processor resizes to."""
+TINY_SAM_SIDE = 64
+"""Input side of the tiny SAM (the real one reads 1024 px)."""
 #  Grounding DINO builds its sub-sentence attention masks from BERT's ids of [CLS], [SEP], "." and
 # "?" (transformers' SPECIAL_TOKENS), so a home-made vocabulary must put those tokens at those ids.
 _BERT_FIXED_IDS = {
@@ -164,6 +173,49 @@ def tiny_grounding_dino(vocab_size: int) -> GroundingDinoForObjectDetection:
     return frozen(GroundingDinoForObjectDetection(config))
 
 
+def tiny_sam() -> SamModel:
+    """SAM at toy size: an 8x8 image embedding, so 32x32 low-resolution masks."""
+    vision = SamVisionConfig(
+        hidden_size=16,
+        output_channels=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=TINY_SAM_SIDE,
+        patch_size=8,
+        window_size=4,
+        global_attn_indexes=[1],
+        num_pos_feats=8,
+        mlp_dim=32,
+    )
+    prompt = SamPromptEncoderConfig(
+        hidden_size=16, image_size=TINY_SAM_SIDE, patch_size=8, mask_input_channels=4
+    )
+    decoder = SamMaskDecoderConfig(
+        hidden_size=16,
+        mlp_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        iou_head_hidden_dim=16,
+    )
+    config = SamConfig(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder
+    )
+    return frozen(SamModel(config))
+
+
+def build_tiny_box_masker(seed: int = 0, *, grid: int = 64) -> BoxMasker:
+    """The tiny SAM masker: random weights, so its masks are arbitrary but deterministic."""
+    torch.manual_seed(seed)
+    side = TINY_SAM_SIDE
+    image_processor = SamImageProcessorPil(
+        size={"longest_edge": side},
+        pad_size={"height": side, "width": side},
+        mask_size={"longest_edge": side // 4},
+        mask_pad_size={"height": side // 4, "width": side // 4},
+    )
+    return BoxMasker(tiny_sam(), make_sam_processor(image_processor), grid=grid)
+
+
 def project_tokenizers(vocabulary: TagVocabulary) -> tuple[CLIPTokenizer, BertTokenizer]:
     """CLIP BPE and BERT WordPiece tokenizers written from the tag vocabulary, loaded back."""
     words = [*vocabulary.tags, "a", "photo", "of", "an", "image"]
@@ -177,8 +229,12 @@ def project_tokenizers(vocabulary: TagVocabulary) -> tuple[CLIPTokenizer, BertTo
     return clip_tokenizer, bert_tokenizer
 
 
-def build_tiny_grounder(seed: int = 0) -> SpaSemSRGrounder:
-    """The tiny grounder: every real class at toy size, seeded, tokenizers written locally."""
+def build_tiny_grounder(seed: int = 0, *, masks: bool = False) -> SpaSemSRGrounder:
+    """The tiny grounder: every real class at toy size, seeded, tokenizers written locally.
+
+    ``masks=True`` adds the tiny SAM masker and turns the flag on (built after the rest, so the
+    other components' weights are the same either way).
+    """
     torch.manual_seed(seed)
     vocabulary = TagVocabulary.default()
     drm = frozen(RRDBNet(num_features=8, num_blocks=1, growth_channels=4, scale=4))
@@ -200,8 +256,9 @@ def build_tiny_grounder(seed: int = 0) -> SpaSemSRGrounder:
     tagger = ClipTagger(clip, clip_tokenizer, clip_processor, vocabulary)
     detector = GroundingDinoDetector(dino, bert_tokenizer, dino_processor)
     # One RRDB block: a receptive radius under 24 input pixels, so 24 of overlap make tiles exact.
-    config = GrounderConfig(drm_tile=128, drm_overlap=24, trained=False)
-    return SpaSemSRGrounder(drm=drm, tagger=tagger, detector=detector, config=config)
+    config = GrounderConfig(drm_tile=128, drm_overlap=24, trained=False, masks=masks)
+    masker = build_tiny_box_masker(seed, grid=config.mask_grid) if masks else None
+    return SpaSemSRGrounder(drm=drm, tagger=tagger, detector=detector, masker=masker, config=config)
 
 
 def build_tiny_blip_captioner(seed: int = 0) -> BlipCaptioner:

@@ -22,6 +22,11 @@ Folder layout written by :meth:`SpaSemSRGrounder.save_pretrained`::
     tagger/                transformers CLIPModel + CLIPTokenizer + image processor
     detector/              transformers GroundingDinoForObjectDetection + tokenizer + processor
     captioner/             optional, transformers BLIP folder
+    sam/                   optional, transformers SamModel + processor (``masks`` in the config)
+
+Masks: with ``masks=True`` in the config the grounder runs SAM on the clean estimate with each box
+as a prompt, after the detector (timing key ``masks``), and the prompt carries one run-length
+encoded mask per box on a grid of longest side ``mask_grid``. Off by default.
 
 A component entry may instead name an absolute folder, a hub id (where the network allows), or, for
 the DRM, a published ``.pth`` / ``.safetensors`` checkpoint file (BSRNet, RealESRNet x4 / x2).
@@ -47,11 +52,12 @@ from transformers import (
     GroundingDinoImageProcessorPil,
 )
 
-from ..prompt import Box, GroundedPrompt, GroundingResult
+from ..prompt import Box, GroundedPrompt, GroundingResult, Mask
 from .captioner import BlipCaptioner, Captioner, TemplateCaptioner
 from .degradation import CaptionThresholds, estimate_degradations, scene_phrase
 from .detector import Detection, DetectorSettings, GroundingDinoDetector
 from .drm import RRDBNet, tiled_forward
+from .masks import BoxMasker
 from .modules import device_of, dtype_of, frozen
 from .tagger import ClipTagger, TaggerSettings, TagVocabulary, merge_tags
 
@@ -62,6 +68,8 @@ MAX_HINT_TAGS = 32
 MAX_TAG_CHARS = 64
 MAX_CAPTION_CHARS = 500
 STAGES = ("drm", "tagger", "detector", "caption")
+MASK_STAGE = "masks"
+"""Timing key of the optional SAM stage, between ``detector`` and ``caption``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +87,10 @@ class GrounderConfig:
     caption_hint_mode: Literal["scene", "full"] = "scene"
     trained: bool = False
     """Whether the weights are real (published) ones; the tiny demo's are random and labelled so."""
+    masks: bool = False
+    """Run the SAM masker on the boxes (needs a ``sam`` component)."""
+    mask_grid: int = 64
+    """Longest side of the stored masks' grid."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,13 +118,17 @@ class SpaSemSRGrounder:
         tagger: ClipTagger,
         detector: GroundingDinoDetector,
         captioner: Captioner | None = None,
+        masker: BoxMasker | None = None,
         config: GrounderConfig | None = None,
     ) -> None:
         self.drm = frozen(drm) if drm is not None else None
         self.tagger = tagger
         self.detector = detector
+        self.masker = masker
         self.config = config or GrounderConfig()
         self.captioner = captioner or TemplateCaptioner(self.config.caption)
+        if self.config.masks and masker is None:
+            raise ValueError("the grounder config asks for masks but no SAM masker was given")
 
     # ------------------------------------------------------------------ inference
 
@@ -181,7 +197,14 @@ class SpaSemSRGrounder:
         pairs = self._tags_and_boxes(tags, hints, detections)
         timings["detector"] = time.perf_counter() - started
 
-        # 4. Caption: measured on the LR input, worded around the scene.
+        # 4. Masks (optional): SAM on the same clean estimate, one box prompt per box.
+        masks: tuple[Mask, ...] = ()
+        if self.config.masks and self.masker is not None:
+            started = time.perf_counter()
+            masks = self.masker.masks(clean, [b for _, b in pairs], grid=self.config.mask_grid)
+            timings[MASK_STAGE] = time.perf_counter() - started
+
+        # 5. Caption: measured on the LR input, worded around the scene.
         started = time.perf_counter()
         estimates = estimate_degradations(lr)
         scene = (
@@ -206,6 +229,7 @@ class SpaSemSRGrounder:
             boxes=tuple(b for _, b in pairs),
             caption=caption,
             estimates=estimates.as_dict(),
+            masks=masks,
         )
         logger.debug("grounded %d boxes in %.3fs", len(pairs), sum(timings.values()))
         return GroundingResult(prompt=prompt, timings=timings)
@@ -237,6 +261,7 @@ class SpaSemSRGrounder:
             tagger=self.tagger,
             detector=self.detector,
             captioner=self.captioner,
+            masker=self.masker,
             config=replace(self.config, **changes),
         )
 
@@ -260,6 +285,10 @@ class SpaSemSRGrounder:
             self.captioner.save_pretrained(directory / "captioner")
             captioner = "captioner"
         components["captioner"] = captioner
+        components["sam"] = None
+        if self.masker is not None:
+            self.masker.save_pretrained(directory / "sam")
+            components["sam"] = "sam"
         self.tagger.vocabulary.save(directory / "vocabulary.txt")
         document = {"config": self.config.to_dict(), "components": components}
         (directory / self.config_name).write_text(json.dumps(document, indent=2) + "\n")
@@ -316,7 +345,22 @@ class SpaSemSRGrounder:
             captioner = BlipCaptioner.from_pretrained(
                 captioner_source, thresholds=config.caption, device=device, dtype=dtype
             )
-        return cls(drm=drm, tagger=tagger, detector=detector, captioner=captioner, config=config)
+        masker: BoxMasker | None = None
+        sam_source = _resolve(directory, components.get("sam"))
+        if sam_source is not None:
+            masker = BoxMasker.from_pretrained(
+                sam_source, grid=config.mask_grid, device=device, dtype=dtype
+            )
+        elif config.masks:
+            raise ValueError(f"{directory / cls.config_name} sets masks but names no sam component")
+        return cls(
+            drm=drm,
+            tagger=tagger,
+            detector=detector,
+            captioner=captioner,
+            masker=masker,
+            config=config,
+        )
 
 
 def _resolve(directory: Path, entry: str | None) -> Path | str | None:
