@@ -672,5 +672,107 @@ def weights(
     typer.echo(f"pipeline written to {path}")
 
 
+@app.command(rich_help_panel="Without a service")
+def train(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DATA", exists=True, file_okay=False, help="Data set folder (HR images in hr/)."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Run folder: checkpoints, prompt cache, pipeline/.")
+    ] = Path("var/train"),
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(help="Base pipeline folder to train from (default: the tiny configuration)."),
+    ] = None,
+    grounder: Annotated[
+        Path | None,
+        typer.Option(help="Grounder folder for tags/boxes/captions (default: generic prompts)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the latest checkpoint in --out.")
+    ] = False,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 200_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per device and step.")] = 32,
+    accumulation: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 5e-5,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 500,
+    resolution: Annotated[int, typer.Option(min=8, help="HR patch side in pixels.")] = 512,
+    null_prompt_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Empty-prompt probability (CFG).")
+    ] = 0.5,
+    lambda_image: Annotated[float, typer.Option(min=0.0, help="Weight of L1(ImageEnc, VAE).")] = (
+        0.05
+    ),
+    lambda_semantic: Annotated[
+        float, typer.Option(min=0.0, help="Weight of L1(SemanticEnc, SAM).")
+    ] = 0.05,
+    lambda_controlnet: Annotated[
+        float, typer.Option(min=0.0, help="Weight of the ControlNet regulariser (0: off).")
+    ] = 0.05,
+    mixed_precision: Annotated[
+        Literal["no", "fp16", "bf16"], typer.Option(help="Mixed precision.")
+    ] = "no",
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations to save memory.")
+    ] = False,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = (
+        1000
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    num_workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
+    verbose: Verbose = False,
+) -> None:
+    """Train SpaSemSR's blocks on HR images (accelerate: `accelerate launch -m cli.main train`)."""
+    from model.training import TrainingConfig
+    from model.training import train as run_training
+
+    _logging(verbose)
+    try:
+        config = TrainingConfig(
+            max_steps=max_steps,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=learning_rate,
+            warmup_steps=warmup_steps,
+            resolution=resolution,
+            null_prompt_ratio=null_prompt_ratio,
+            lambda_image=lambda_image,
+            lambda_semantic=lambda_semantic,
+            lambda_controlnet=lambda_controlnet,
+            mixed_precision=mixed_precision,
+            gradient_checkpointing=gradient_checkpointing,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            num_workers=num_workers,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from exc
+    loaded_grounder = None
+    if grounder is not None:
+        from model.grounding import SpaSemSRGrounder
+
+        loaded_grounder = SpaSemSRGrounder.from_pretrained(grounder)
+    try:
+        report = run_training(
+            config,
+            data_dir=data,
+            output_dir=out,
+            pipeline_dir=pipeline,
+            resume=resume,
+            grounder=loaded_grounder,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc), ExitCode.USAGE) from exc
+    last = report.losses[-1]["total"] if report.losses else float("nan")
+    typer.echo(
+        f"trained steps {report.first_step}..{report.global_step} "
+        f"({report.steps_per_second:.3f} steps/s, last loss {last:.4f}); "
+        f"pipeline at {report.pipeline_dir}"
+    )
+
+
 if __name__ == "__main__":
     app()

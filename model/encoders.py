@@ -39,6 +39,8 @@ class ImageEncoder(ModelMixin, ConfigMixin):  # type: ignore[misc]  # diffusers'
     """LR image in ``[-1, 1]`` -> ``(B, latent_channels, H / 8, W / 8)``, meant to match the scaled
     ``VAE(HR)``."""
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,

@@ -1,0 +1,847 @@
+# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
+"""Training SpaSemSR's trainable blocks (arXiv 2603.14112, Eq. 11-12; DESIGN 1.1 and 1.4).
+
+``L = ||ε - ε_θ(z_t, t, I_LR, x_deg, {x_obj, x_spa})||² + λ · L_SemDeg`` with, per term (L1, 0.05
+each as in XPSR's analogous constraint [I]):
+
+* ``image``: ``ImageEncoder(LR)`` towards the scaled ``VAE(HR)`` latent;
+* ``semantic``: ``SemanticEncoder(LR)`` towards a frozen copy of SAM on ``HR``, both at latent
+  resolution (the SAM copy is taken from the base pipeline before any training);
+* ``controlnet`` (the paper's "regularises the ControlNet", form not given [I]): the ControlNet's
+  spatial-semantic embeddings fed the LR guidance towards the same embeddings fed the HR targets
+  ``concat(VAE(HR), SAM(HR))`` (computed without gradient), so the ControlNet learns to read
+  degraded guidance as if it were clean. ``lambda_controlnet = 0`` skips its extra forward.
+
+Trained [F]: image encoder, semantic encoder, Spatial-Semantic ControlNet, the UNet additions.
+Frozen, without gradients or optimiser state: UNet, VAE, text encoder, the SAM target copy and
+the grounder. Tags, boxes and captions come from the HR images [P], computed once per image by a
+:class:`model.prompt.Grounder` and cached as JSON in the output folder.
+
+The loop runs on ``accelerate.Accelerator`` (DDP across GPUs, mixed precision, gradient
+accumulation, ``save_state`` / ``load_state`` for resume); every checkpoint also writes a
+pipeline folder (``save_pretrained``, marked trained) that :class:`SpaSemSRPipeline` loads.
+
+Data set layout: ``<data_dir>/hr/**/*.{png,jpg,jpeg,webp,bmp}`` (any nesting; a folder without
+``hr/`` is read as the HR folder itself). LR images are made on the fly, on the training device,
+by the Real-ESRGAN second-order degradation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.optimization import get_constant_schedule_with_warmup
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import SamVisionModel
+
+from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
+from model.controlnet import SpatialSemanticControlNet
+from model.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
+from model.encoders import ImageEncoder, semantic_features
+from model.pipeline import SpaSemSRPipeline
+from model.prompt import Box, GroundedPrompt, Grounder
+from model.text import TextConditioner, default_prompt
+from model.tiling import boxes_for_tile
+from model.unet_attention import SpaSemSRUNetAttention
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROMPT_CACHE = "prompts.json"
+CHECKPOINTS = "checkpoints"
+PIPELINE = "pipeline"
+TRAINED_BLOCKS = ("image_encoder", "semantic_encoder", "controlnet", "unet_attention")
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Hyper-parameters of a training run; defaults from DESIGN 1.4 ([P] where the paper gives
+    them, XPSR / SeeSR practice [I] otherwise)."""
+
+    learning_rate: float = 5e-5
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    warmup_steps: int = 500
+    """Linear warm-up, then a constant learning rate."""
+    max_grad_norm: float = 1.0
+    null_prompt_ratio: float = 0.5
+    """Probability that a sample's caption and tags are replaced by the empty prompt (CFG)."""
+    lambda_image: float = 0.05
+    lambda_semantic: float = 0.05
+    lambda_controlnet: float = 0.05
+    batch_size: int = 32
+    """Per device and per accumulation step."""
+    gradient_accumulation_steps: int = 1
+    resolution: int = 512
+    """Side of the square HR patches (output pixels)."""
+    scale: int = 4
+    """LR = HR / scale through the degradation, then bicubically back up (the pipeline's input)."""
+    horizontal_flip: bool = True
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int | None = 3
+    """How many ``save_state`` folders to keep (oldest removed); ``None`` keeps all."""
+    max_steps: int = 200_000
+    """Optimiser steps (after accumulation)."""
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.null_prompt_ratio <= 1.0:
+            raise ValueError(f"null_prompt_ratio must be in [0, 1], got {self.null_prompt_ratio}")
+        for name in ("lambda_image", "lambda_semantic", "lambda_controlnet", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.scale < 1 or self.resolution % self.scale:
+            raise ValueError(
+                f"resolution {self.resolution} must be a multiple of the scale {self.scale}"
+            )
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}"
+            )
+        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+
+@dataclass
+class TrainingReport:
+    """What a run did: ``losses`` holds one dict per optimiser step of this run (``total``,
+    ``diffusion``, ``image``, ``semantic``, ``controlnet``)."""
+
+    output_dir: Path
+    pipeline_dir: Path
+    first_step: int
+    global_step: int
+    losses: list[dict[str, float]] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    """Wall time of each optimiser step of this run (checkpoint writing included)."""
+    seconds: float = 0.0
+    grounded_images: int = 0
+    """HR images the grounder ran on in this run (0 when every prompt came from the cache)."""
+
+    @property
+    def steps_per_second(self) -> float:
+        steps = self.global_step - self.first_step
+        return steps / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+def find_hr_images(data_dir: Path) -> list[Path]:
+    """Every image under ``<data_dir>/hr`` (or ``data_dir`` itself when it has no ``hr/``),
+    sorted."""
+    root = data_dir / "hr" if (data_dir / "hr").is_dir() else data_dir
+    if not root.is_dir():
+        raise ValueError(f"no data set folder at {data_dir}")
+    files = sorted(
+        path
+        for path in root.rglob("*")
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise ValueError(f"no HR images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return files
+
+
+def _prompt_from_json(data: dict[str, Any]) -> GroundedPrompt:
+    return GroundedPrompt(
+        tags=tuple(str(tag) for tag in data.get("tags", [])),
+        boxes=tuple(
+            (float(b[0]), float(b[1]), float(b[2]), float(b[3])) for b in data.get("boxes", [])
+        ),
+        caption=str(data.get("caption", "")),
+        estimates={str(k): float(v) for k, v in data.get("estimates", {}).items()},
+    )
+
+
+def _hr_grounder(grounder: Grounder) -> Grounder:
+    """HR images are clean: a SpaSemSR grounder skips its degradation-removal model on them."""
+    try:
+        from model.grounding import SpaSemSRGrounder
+    except ImportError:  # the grounding package is optional for training
+        return grounder
+    if isinstance(grounder, SpaSemSRGrounder) and grounder.drm is not None:
+        return SpaSemSRGrounder(
+            drm=None,
+            tagger=grounder.tagger,
+            detector=grounder.detector,
+            captioner=grounder.captioner,
+            config=grounder.config,
+        )
+    return grounder
+
+
+def build_prompt_cache(
+    files: Sequence[Path],
+    root: Path,
+    cache_file: Path,
+    grounder: Grounder | None,
+) -> tuple[dict[str, GroundedPrompt], int]:
+    """Tags, boxes and caption of every HR image, computed once and kept in ``cache_file``.
+
+    Entries are keyed by the path relative to ``root`` and remember the file's size and
+    modification time, so an edited image is grounded again. Without a grounder an image gets
+    :func:`model.text.default_prompt` (no tags, a generic caption). Returns the prompts and how
+    many images were grounded now.
+    """
+    cached: dict[str, Any] = {}
+    if cache_file.is_file():
+        cached = json.loads(cache_file.read_text()).get("images", {})
+    hr_grounder = _hr_grounder(grounder) if grounder is not None else None
+    prompts: dict[str, GroundedPrompt] = {}
+    entries: dict[str, Any] = {}
+    grounded = 0
+    for path in tqdm(files, desc="grounding HR images", leave=False, disable=len(files) < 16):
+        key = path.relative_to(root).as_posix()
+        stat = path.stat()
+        entry = cached.get(key)
+        if (
+            entry is None
+            or entry.get("size") != stat.st_size
+            or entry.get("mtime_ns") != (stat.st_mtime_ns)
+        ):
+            if hr_grounder is not None:
+                with Image.open(path) as image:
+                    prompt = hr_grounder.ground(image.convert("RGB")).prompt
+                source = "grounder"
+            else:
+                prompt, source = default_prompt(), "default"
+            grounded += 1
+            entry = {
+                **prompt.to_json(),
+                "source": source,
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+            }
+        entries[key] = entry
+        prompts[key] = _prompt_from_json(entry)
+    if grounded or set(entries) != set(cached):
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        staging = cache_file.with_suffix(".json.tmp")
+        staging.write_text(json.dumps({"version": 1, "images": entries}, indent=1) + "\n")
+        staging.replace(cache_file)
+        logger.info("grounded %d HR images; prompt cache at %s", grounded, cache_file)
+    return prompts, grounded
+
+
+class HRPatchDataset(Dataset[dict[str, Any]]):
+    """Random ``resolution²`` HR patches in ``[0, 1]`` with the prompt re-projected into the patch.
+
+    Images whose shorter side is below ``resolution`` are first resized up (bicubic). A random
+    horizontal flip mirrors the boxes too. Random draws use torch's global generator (seeded by
+    the trainer; per-worker seeds come from the data loader).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        root: Path,
+        prompts: dict[str, GroundedPrompt],
+        *,
+        resolution: int,
+        horizontal_flip: bool = True,
+    ) -> None:
+        self.files = list(files)
+        self.keys = [path.relative_to(root).as_posix() for path in self.files]
+        self.prompts = prompts
+        self.resolution = resolution
+        self.horizontal_flip = horizontal_flip
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = self.resolution
+        with Image.open(self.files[index]) as opened:
+            image = opened.convert("RGB")
+        if min(image.size) < size:
+            factor = size / min(image.size)
+            image = image.resize(
+                (max(size, round(image.width * factor)), max(size, round(image.height * factor))),
+                Image.Resampling.BICUBIC,
+            )
+        left = int(torch.randint(0, image.width - size + 1, ()).item())
+        top = int(torch.randint(0, image.height - size + 1, ()).item())
+        patch = image.crop((left, top, left + size, top + size))
+        window: Box = (
+            left / image.width,
+            top / image.height,
+            (left + size) / image.width,
+            (top + size) / image.height,
+        )
+        prompt = boxes_for_tile(self.prompts[self.keys[index]], window)
+        array = np.asarray(patch, dtype=np.float32) / 255.0
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        boxes = list(prompt.boxes)
+        if self.horizontal_flip and bool(torch.rand(()) < 0.5):
+            tensor = tensor.flip(-1)
+            boxes = [(1.0 - x1, y0, 1.0 - x0, y1) for x0, y0, x1, y1 in boxes]
+        return {
+            "hr": tensor,
+            "tags": list(prompt.tags),
+            "boxes": boxes,
+            "caption": prompt.caption,
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "hr": torch.stack([sample["hr"] for sample in samples]),
+        "tags": [sample["tags"] for sample in samples],
+        "boxes": [sample["boxes"] for sample in samples],
+        "caption": [sample["caption"] for sample in samples],
+    }
+
+
+# -- the trained model -------------------------------------------------------------------------
+
+
+class SpaSemSRTrainable(nn.Module):
+    """The trained blocks as one module (what accelerate wraps, checkpoints and optimises); the
+    frozen UNet they run through is held outside its parameters and ``state_dict``."""
+
+    unet: UNet2DConditionModel
+
+    def __init__(
+        self,
+        *,
+        unet: UNet2DConditionModel,
+        unet_attention: SpaSemSRUNetAttention,
+        controlnet: SpatialSemanticControlNet,
+        image_encoder: ImageEncoder,
+        semantic_encoder: SamVisionModel,
+    ) -> None:
+        super().__init__()
+        self.unet_attention = unet_attention
+        self.controlnet = controlnet
+        self.image_encoder = image_encoder
+        self.semantic_encoder = semantic_encoder
+        # not a submodule: frozen, so neither DDP, the optimiser nor save_state should see it
+        object.__setattr__(self, "unet", unet)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        low_res: torch.Tensor,
+        text: torch.Tensor,
+        spatial_text: torch.Tensor,
+        target_guidance: torch.Tensor | None,
+        with_controlnet_reference: bool,
+    ) -> dict[str, torch.Tensor]:
+        """ε prediction, the encoders' outputs and (optionally) the ControlNet embeddings."""
+        latent = self.image_encoder(low_res)
+        height, width = latent.shape[-2:]
+        semantic = semantic_features(self.semantic_encoder, low_res, size=(height, width))
+        guidance = torch.cat([latent, semantic.to(latent.dtype)], dim=1)
+        control = self.controlnet(
+            noisy_latents,
+            timesteps,
+            spatial_text=spatial_text,
+            degradation_text=text,
+            guidance=guidance,
+        )
+        noise_pred = self.unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=control.down_block_res_samples,
+            mid_block_additional_residual=control.mid_block_res_sample,
+            cross_attention_kwargs={
+                INPUTS_KEY: SpaSemSRAttentionInputs(
+                    spatial_text=spatial_text, semantic=control.embeddings
+                )
+            },
+        ).sample
+        out = {"noise_pred": noise_pred, "latent": latent, "semantic": semantic}
+        if with_controlnet_reference and target_guidance is not None:
+            with torch.no_grad():
+                reference = self.controlnet(
+                    noisy_latents,
+                    timesteps,
+                    spatial_text=spatial_text,
+                    degradation_text=text,
+                    guidance=target_guidance,
+                ).embeddings
+            out["controlnet"] = torch.stack(
+                [
+                    F.l1_loss(e.float(), r.float())
+                    for e, r in zip(control.embeddings, reference, strict=True)
+                ]
+            ).mean()
+        return out
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _place(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move ``module``; cast only the floating-point tensors that are not in ``dtype`` yet
+    (diffusers warns on every dtype cast)."""
+    module.to(device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
+def vae_latents(vae: AutoencoderKL, images: torch.Tensor, *, sample: bool) -> torch.Tensor:
+    """Scaled VAE latents of ``images`` in ``[-1, 1]`` (the diffusion space and the image
+    encoder's target); ``sample`` draws from the posterior, else its mode."""
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    latents = posterior.sample() if sample else posterior.mode()
+    shift = float(vae.config.get("shift_factor") or 0.0)
+    scaled: torch.Tensor = (latents.float() - shift) * float(vae.config["scaling_factor"])
+    return scaled
+
+
+class SpaSemSRTrainer:
+    """Owns the pipeline's components for one run: losses, optimiser, loop and checkpoints."""
+
+    def __init__(
+        self,
+        pipeline: SpaSemSRPipeline,
+        config: TrainingConfig,
+        *,
+        accelerator: Accelerator | None = None,
+        base_dir: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        self.pipeline = pipeline
+        device = self.accelerator.device
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            str(self.accelerator.mixed_precision), torch.float32
+        )
+        self.weight_dtype = weight_dtype
+        # 1. the frozen parts: no gradients, no optimiser state, cast to the compute dtype
+        self.target_encoder: SamVisionModel = copy.deepcopy(pipeline.semantic_encoder)
+        # (SAM as the target of the semantic constraint stays as it was before any training)
+        for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet, self.target_encoder):
+            _place(freeze(module), device, weight_dtype)
+        # 2. the trained blocks (DESIGN 1.1), in float32 (accelerate autocasts their forward)
+        self.trainable = SpaSemSRTrainable(
+            unet=pipeline.unet,
+            unet_attention=pipeline.unet_attention,
+            controlnet=pipeline.controlnet,
+            image_encoder=pipeline.image_encoder,
+            semantic_encoder=pipeline.semantic_encoder,
+        )
+        _place(self.trainable, device, torch.float32)
+        self.trainable.requires_grad_(True).train()
+        if config.gradient_checkpointing:
+            pipeline.unet.enable_gradient_checkpointing()
+            pipeline.controlnet.enable_gradient_checkpointing()
+            pipeline.image_encoder.enable_gradient_checkpointing()
+            pipeline.semantic_encoder.gradient_checkpointing_enable()
+        self.text = TextConditioner(pipeline.tokenizer, pipeline.text_encoder)
+        self.noise_scheduler = pipeline.make_scheduler("ddpm")
+        self.degradation = RealESRGANDegradation(RealESRGANDegradationConfig(scale=config.scale))
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.trainable.parameters() if p.requires_grad],
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
+        self.lr_scheduler = get_constant_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=config.warmup_steps
+        )
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.trainable, self.optimizer, self.lr_scheduler
+        )
+        self.generator = torch.Generator(device=device).manual_seed(
+            config.seed + self.accelerator.process_index
+        )
+        self._sums: dict[str, float] = {}
+        self._micro = 0
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_text(
+        self, batch: dict[str, Any], keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``T_deg`` and ``T_spa`` per sample; dropped samples get the empty prompt for both."""
+        null = self.text.encode("")
+        texts, spatials = [], []
+        for index, caption in enumerate(batch["caption"]):
+            if bool(keep[index]):
+                texts.append(self.text.encode(caption))
+                spatials.append(
+                    self.text.encode_spatial(batch["tags"][index], batch["boxes"][index])
+                )
+            else:
+                texts.append(null)
+                spatials.append(null)
+        return (
+            torch.cat(texts).to(self.weight_dtype),
+            torch.cat(spatials).to(self.weight_dtype),
+        )
+
+    def losses(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Every loss term on one batch of HR patches (degradation, noise, timesteps and prompt
+        dropout drawn from ``generator``, the trainer's own by default)."""
+        config = self.config
+        generator = generator or self.generator
+        device = self.accelerator.device
+        hr = batch["hr"].to(device, torch.float32)
+        size = hr.shape[0]
+        with torch.no_grad():
+            # LR on the device, then bicubically back to the HR size, as the pipeline's input
+            lr = self.degradation(hr, generator)
+            low_res = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
+            low_res = (low_res * 2.0 - 1.0).clamp(-1.0, 1.0)
+            hr_signed = hr * 2.0 - 1.0
+            latents = vae_latents(self.pipeline.vae, hr_signed, sample=True)
+            latent_target = vae_latents(self.pipeline.vae, hr_signed, sample=False)
+            semantic_target = semantic_features(
+                self.target_encoder,
+                hr_signed.to(self.weight_dtype),
+                size=(latents.shape[-2], latents.shape[-1]),
+            ).float()
+            noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(
+                device
+            )
+            timesteps = torch.randint(
+                0,
+                int(self.noise_scheduler.config["num_train_timesteps"]),
+                (size,),
+                generator=generator,
+                device=generator.device,
+            ).to(device)
+            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            keep = torch.rand(size, generator=generator, device=generator.device)
+            keep = keep >= config.null_prompt_ratio
+            text, spatial_text = self._encode_text(batch, keep.cpu())
+            if self.noise_scheduler.config["prediction_type"] == "v_prediction":
+                target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+        out = self.model(
+            noisy.to(self.weight_dtype),
+            timesteps,
+            low_res=low_res,
+            text=text,
+            spatial_text=spatial_text,
+            target_guidance=torch.cat([latent_target, semantic_target], dim=1).to(
+                self.weight_dtype
+            ),
+            with_controlnet_reference=config.lambda_controlnet > 0,
+        )
+        terms = {
+            "diffusion": F.mse_loss(out["noise_pred"].float(), target.float()),
+            "image": F.l1_loss(out["latent"].float(), latent_target),
+            "semantic": F.l1_loss(out["semantic"].float(), semantic_target),
+        }
+        total = (
+            terms["diffusion"]
+            + config.lambda_image * terms["image"]
+            + config.lambda_semantic * terms["semantic"]
+        )
+        if "controlnet" in out:
+            terms["controlnet"] = out["controlnet"]
+            total = total + config.lambda_controlnet * out["controlnet"]
+        return {"total": total, **terms}
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        """One micro-batch: loss, backward, and at the end of an accumulation cycle clip and step.
+
+        Returns the mean of every term over the cycle when the optimiser stepped, else ``None``.
+        """
+        with self.accelerator.accumulate(self.model):
+            terms = self.losses(batch)
+            self.accelerator.backward(terms["total"])
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        for name, value in terms.items():
+            self._sums[name] = self._sums.get(name, 0.0) + float(value.detach())
+        self._micro += 1
+        if not self.accelerator.sync_gradients:
+            return None
+        means = {name: total / self._micro for name, total in self._sums.items()}
+        self._sums, self._micro = {}, 0
+        return means
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_pipeline(self, directory: Path) -> Path:
+        """Write the pipeline with the current trained blocks, marked trained.
+
+        The first time the base pipeline folder is copied (or, for a pipeline built in memory,
+        the whole pipeline saved), so the frozen parts keep their original files and precision;
+        then only the trained blocks are replaced, each written beside its folder and renamed
+        into place, and ``model_index.json`` is marked trained.
+        """
+        pipeline = self.pipeline
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not (directory / "model_index.json").is_file():
+            staging = directory.with_name(f".{directory.name}.staging")
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.base_dir is not None:
+                shutil.copytree(self.base_dir, staging)
+            else:
+                pipeline.save_pretrained(staging)
+            if directory.exists():
+                shutil.rmtree(directory)
+            staging.rename(directory)
+        for name in TRAINED_BLOCKS:
+            block = getattr(unwrapped, name)
+            staging = directory / f".{name}.staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            block.save_pretrained(staging)
+            old = directory / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if (directory / name).exists():
+                (directory / name).rename(old)
+            staging.rename(directory / name)
+            shutil.rmtree(old, ignore_errors=True)
+        index_file = directory / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["trained"] = True
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    def save_checkpoint(self, output_dir: Path, step: int) -> Path:
+        """``save_state`` (blocks, optimiser, scheduler, RNG) plus the loadable pipeline folder."""
+        folder = output_dir / CHECKPOINTS / f"checkpoint-{step}"
+        self.accelerator.save_state(str(folder))
+        if self.accelerator.is_main_process:
+            (folder / "step.json").write_text(json.dumps({"step": step}) + "\n")
+            self.save_pipeline(output_dir / PIPELINE)
+            limit = self.config.checkpoints_total_limit
+            if limit is not None:
+                for stale in list_checkpoints(output_dir)[:-limit]:
+                    shutil.rmtree(stale, ignore_errors=True)
+            logger.info("step %d: checkpoint %s, pipeline %s", step, folder, output_dir / PIPELINE)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def resume(self, output_dir: Path) -> int:
+        """Load the latest checkpoint under ``output_dir``; the step to continue from (0 when
+        there is none)."""
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info("no checkpoint under %s: starting from step 0", output_dir)
+            return 0
+        latest = checkpoints[-1]
+        self.accelerator.load_state(str(latest))
+        step = int(json.loads((latest / "step.json").read_text())["step"])
+        # the degradation / noise generator is ours, not accelerate's: re-seed it per step
+        self.generator.manual_seed(self.config.seed + self.accelerator.process_index + step)
+        logger.info("resumed from %s at step %d", latest, step)
+        return step
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` folders under ``output_dir/checkpoints``, oldest first."""
+    folder = output_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if path.is_dir() and (match := _CHECKPOINT_NAME.match(path.name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def _cycle(loader: DataLoader[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    while True:
+        yield from loader
+
+
+def load_base_pipeline(pipeline_dir: Path | None, *, seed: int) -> SpaSemSRPipeline:
+    """The pipeline to train from: a saved folder, or the tiny configuration with seeded weights."""
+    if pipeline_dir is None:
+        from model.configs import build_tiny_pipeline
+
+        logger.warning("no pipeline folder given: training the tiny configuration (seed %d)", seed)
+        return build_tiny_pipeline(seed)
+    pipeline = SpaSemSRPipeline.from_pretrained(str(pipeline_dir))
+    assert isinstance(pipeline, SpaSemSRPipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def train(
+    config: TrainingConfig,
+    *,
+    data_dir: Path,
+    output_dir: Path,
+    pipeline_dir: Path | None = None,
+    resume: bool = False,
+    grounder: Grounder | None = None,
+    pipeline: SpaSemSRPipeline | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainingReport:
+    """Train SpaSemSR's blocks on the HR images under ``data_dir`` (DESIGN 1.4).
+
+    ``pipeline`` (an already loaded base pipeline) takes precedence over ``pipeline_dir``; with
+    neither, the tiny configuration is trained. ``resume`` continues from the latest checkpoint
+    in ``output_dir``; the base pipeline must be the same as for the first run (the SAM target
+    of the semantic constraint is taken from it). The trained, loadable pipeline is written to
+    ``output_dir/pipeline`` at every checkpoint and at the end.
+    """
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    started = time.perf_counter()
+    set_seed(config.seed)
+    base = pipeline if pipeline is not None else load_base_pipeline(pipeline_dir, seed=config.seed)
+    trainer = SpaSemSRTrainer(
+        base,
+        config,
+        accelerator=accelerator,
+        base_dir=(
+            Path(pipeline_dir)
+            if pipeline is None and pipeline_dir is not None and Path(pipeline_dir).is_dir()
+            else None
+        ),
+    )
+    accel = trainer.accelerator
+
+    # 1. data: HR files, prompts grounded once (main process) and cached beside the outputs
+    files = find_hr_images(data_dir)
+    root = data_dir / "hr" if (data_dir / "hr").is_dir() else data_dir
+    cache_file = output_dir / PROMPT_CACHE
+    grounded = 0
+    if accel.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        prompts, grounded = build_prompt_cache(files, root, cache_file, grounder)
+        (output_dir / "training_config.json").write_text(
+            json.dumps(
+                {
+                    **config.to_dict(),
+                    "data_dir": str(data_dir),
+                    "pipeline_dir": str(pipeline_dir) if pipeline_dir else None,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    accel.wait_for_everyone()
+    if not accel.is_main_process:
+        prompts, _ = build_prompt_cache(files, root, cache_file, None)
+    dataset = HRPatchDataset(
+        files,
+        root,
+        prompts,
+        resolution=config.resolution,
+        horizontal_flip=config.horizontal_flip,
+    )
+    loader: DataLoader[dict[str, Any]] = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        drop_last=len(dataset) >= config.batch_size,
+    )
+    loader = accel.prepare(loader)
+
+    # 2. resume
+    first_step = trainer.resume(output_dir) if resume else 0
+    report = TrainingReport(
+        output_dir=output_dir,
+        pipeline_dir=output_dir / PIPELINE,
+        first_step=first_step,
+        global_step=first_step,
+        grounded_images=grounded,
+    )
+    if first_step >= config.max_steps:
+        logger.info("already at step %d of %d: nothing to train", first_step, config.max_steps)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    # 3. the loop: log the mean of each term per optimiser step, checkpoint every N steps
+    progress = tqdm(
+        total=config.max_steps,
+        initial=first_step,
+        desc="training",
+        disable=not accel.is_local_main_process,
+    )
+    loop_started = time.perf_counter()
+    step = first_step
+    batches = _cycle(loader)
+    mark = time.perf_counter()
+    while step < config.max_steps:
+        means = trainer.training_step(next(batches))
+        if means is None:
+            continue
+        step += 1
+        report.losses.append(means)
+        progress.update(1)
+        progress.set_postfix(loss=f"{means['total']:.4f}")
+        if step % config.log_every == 0 or step == config.max_steps:
+            logger.info(
+                "step %d/%d lr %.2e %s",
+                step,
+                config.max_steps,
+                trainer.lr_scheduler.get_last_lr()[0],
+                " ".join(f"{name} {value:.4f}" for name, value in means.items()),
+            )
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            report.checkpoints.append(trainer.save_checkpoint(output_dir, step))
+        now = time.perf_counter()
+        report.step_seconds.append(now - mark)
+        mark = now
+    progress.close()
+    report.global_step = step
+    report.seconds = time.perf_counter() - loop_started
+    logger.info(
+        "trained steps %d..%d in %.1f s (%.3f steps/s); pipeline at %s",
+        first_step,
+        step,
+        report.seconds,
+        report.steps_per_second,
+        report.pipeline_dir,
+    )
+    return report
