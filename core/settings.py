@@ -121,6 +121,9 @@ class ModelSettings(BaseModel):
     device: str = "auto"
     """``auto`` = CUDA when available, else CPU."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    optimise: Literal["auto", "off"] = "auto"
+    """``auto``: on CUDA the optimised speed settings (bf16, compile, CUDA graphs; compiled at
+    warm-up); ``off``: plain eager in ``dtype``."""
     cpu_threads: int | None = Field(default=None, ge=1)
     """Torch threads when running on the CPU; ``None`` = half the cores, at most 4."""
 

@@ -50,6 +50,7 @@ from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
 from model.color import COLOR_FIX_MODES, apply_color_fix
 from model.controlnet import SpatialSemanticControlNet
 from model.encoders import ImageEncoder, visual_guidance
+from model.performance import PerformanceSettings, attention_context
 from model.prompt import Box, GroundedPrompt
 from model.text import DEFAULT_NEGATIVE_PROMPT, TextConditioner, default_prompt
 from model.tiling import (
@@ -138,6 +139,9 @@ class SpaSemSRPipeline(DiffusionPipeline):
         self.vae_scale_factor = int(2 ** (len(vae.config["block_out_channels"]) - 1))
         self.latent_multiple = int(2 ** (len(unet.config["block_out_channels"]) - 1))
         self.text_conditioner = TextConditioner(tokenizer, text_encoder)
+        # How the loop batches its work (CFG halves, tiles) and which attention kernels it
+        # allows; model.performance.apply_performance sets it together with dtypes and compile.
+        self.performance = PerformanceSettings()
 
     @property
     def pixel_multiple(self) -> int:
@@ -262,32 +266,101 @@ class SpaSemSRPipeline(DiffusionPipeline):
         conditioning_scale: float,
     ) -> torch.Tensor:
         """ε for one tile: the ControlNet (Fig. 2c), then the UNet with its additions (Fig. 2d)."""
+        return self._predict_noise_tiles(
+            [latents], timestep, [condition], text, guidance_scale, conditioning_scale
+        )[0]
+
+    def _forward(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        spatial_text: torch.Tensor,
+        guidance: torch.Tensor,
+        conditioning_scale: float,
+    ) -> torch.Tensor:
+        """One ControlNet + UNet forward on a batch (every argument batch-aligned)."""
+        if self.performance.cuda_graphs:
+            # CUDA-graph trees replay per step; tell them a new step begins so that outputs of the
+            # previous replay (already consumed) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        with attention_context(self.performance.attention):
+            control = self.controlnet(
+                model_input,
+                timestep,
+                spatial_text=spatial_text,
+                degradation_text=text,
+                guidance=guidance,
+                conditioning_scale=conditioning_scale,
+            )
+            noise: torch.Tensor = self.unet(
+                model_input,
+                timestep,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=control.down_block_res_samples,
+                mid_block_additional_residual=control.mid_block_res_sample,
+                cross_attention_kwargs={
+                    INPUTS_KEY: SpaSemSRAttentionInputs(
+                        spatial_text=spatial_text, semantic=control.embeddings
+                    )
+                },
+            ).sample
+        # Cloned so that a CUDA-graph replay of the next batch cannot overwrite it.
+        return noise.clone() if self.performance.cuda_graphs else noise
+
+    def _predict_noise_tiles(
+        self,
+        latents: list[torch.Tensor],
+        timestep: torch.Tensor,
+        conditions: list[_TileConditioning],
+        text: torch.Tensor,
+        guidance_scale: float,
+        conditioning_scale: float,
+    ) -> list[torch.Tensor]:
+        """ε for tiles of one shape in one batch; with classifier-free guidance the batch is
+        ``[uncond of every tile, cond of every tile]``, run as one forward when
+        ``performance.cfg_batched`` else as two."""
+        count = len(latents)
         do_cfg = text.shape[0] == 2
-        model_input = torch.cat([latents, latents]) if do_cfg else latents
-        control = self.controlnet(
-            model_input,
-            timestep,
-            spatial_text=condition.spatial_text,
-            degradation_text=text,
-            guidance=condition.guidance,
-            conditioning_scale=conditioning_scale,
-        )
-        noise: torch.Tensor = self.unet(
-            model_input,
-            timestep,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=control.down_block_res_samples,
-            mid_block_additional_residual=control.mid_block_res_sample,
-            cross_attention_kwargs={
-                INPUTS_KEY: SpaSemSRAttentionInputs(
-                    spatial_text=condition.spatial_text, semantic=control.embeddings
+        halves = [slice(0, 1), slice(1, 2)] if do_cfg else [slice(0, 1)]
+        inputs = []
+        for half in halves:
+            inputs.append(
+                (
+                    torch.cat(latents),
+                    text[half].expand(count, *text.shape[1:]),
+                    torch.cat([c.spatial_text[half] for c in conditions]),
+                    torch.cat([c.guidance[half] for c in conditions]),
                 )
-            },
-        ).sample
+            )
+        if self.performance.cfg_batched or not do_cfg:
+            x, t_deg, t_spa, f = (torch.cat(parts) for parts in zip(*inputs, strict=True))
+            noise = self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
+            outputs = list(noise.chunk(len(halves)))
+        else:
+            outputs = [
+                self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
+                for x, t_deg, t_spa, f in inputs
+            ]
         if do_cfg:
-            uncond, cond = noise.chunk(2)
+            uncond, cond = outputs
             noise = uncond + guidance_scale * (cond - uncond)
-        return noise
+        else:
+            noise = outputs[0]
+        return list(noise.split(latents[0].shape[0]))
+
+    def _tile_batches(self, conditions: list[_TileConditioning]) -> list[list[_TileConditioning]]:
+        """Tiles of the same shape in batches of at most ``performance.tile_batch_size``."""
+        size = max(1, self.performance.tile_batch_size)
+        groups: dict[tuple[int, ...], list[_TileConditioning]] = {}
+        for condition in conditions:
+            key = (condition.tile.height, condition.tile.width, *condition.spatial_text.shape)
+            groups.setdefault(key, []).append(condition)
+        return [
+            group[start : start + size]
+            for group in groups.values()
+            for start in range(0, len(group), size)
+        ]
 
     # -- the pipeline ------------------------------------------------------------------------------
 
@@ -415,8 +488,10 @@ class SpaSemSRPipeline(DiffusionPipeline):
         timings["encode"] = self._sync() - started
         notify("encode", 1, 1)
 
-        # 6. denoising: per tile ControlNet + UNet, Gaussian-blended ε, one step for all the latent
+        # 6. denoising: per tile ControlNet + UNet (tiles of one shape batched), Gaussian-blended
+        #    ε, one step for all the latent
         mark = self._sync()
+        batches = self._tile_batches(conditions)
         for index, timestep in enumerate(timesteps):
             model_input = noise_scheduler.scale_model_input(latents, timestep)
             if len(conditions) == 1:
@@ -425,18 +500,17 @@ class SpaSemSRPipeline(DiffusionPipeline):
                 ).float()
             else:
                 noise_pred = torch.zeros_like(latents, dtype=torch.float32)
-                for condition in conditions:
-                    rows, cols = condition.tile.slices
-                    tile_pred = self._predict_noise(
-                        model_input[..., rows, cols],
-                        timestep,
-                        condition,
-                        text,
-                        guidance_scale,
-                        conditioning_scale,
+                for batch in batches:
+                    tile_inputs = [
+                        model_input[..., c.tile.slices[0], c.tile.slices[1]] for c in batch
+                    ]
+                    tile_preds = self._predict_noise_tiles(
+                        tile_inputs, timestep, batch, text, guidance_scale, conditioning_scale
                     )
-                    assert condition.weights is not None
-                    noise_pred[..., rows, cols] += tile_pred.float() * condition.weights
+                    for condition, tile_pred in zip(batch, tile_preds, strict=True):
+                        rows, cols = condition.tile.slices
+                        assert condition.weights is not None
+                        noise_pred[..., rows, cols] += tile_pred.float() * condition.weights
                 noise_pred = noise_pred / total_weight
             latents = noise_scheduler.step(
                 noise_pred, timestep, latents.float(), **step_kwargs

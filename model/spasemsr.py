@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from model.performance import PerformanceSettings, apply_performance
 from model.pipeline import SpaSemSRPipeline
 from model.prompt import GroundedPrompt, Grounder
 from model.text import DEFAULT_NEGATIVE_PROMPT, default_prompt
@@ -75,12 +76,16 @@ class SpaSemSRUpscaler:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         grounder: Grounder | None = None,
+        performance: PerformanceSettings | None = None,
     ) -> SpaSemSRUpscaler:
         """Load a saved pipeline folder (``model_index.json`` + components) onto ``device`` in
-        ``dtype``."""
+        ``dtype``; ``performance`` (its dtypes take precedence over ``dtype``) is applied after
+        loading, its compilation happens at :meth:`warm_up`."""
         pipeline = SpaSemSRPipeline.from_pretrained(str(path), dtype=dtype)
         pipeline.set_progress_bar_config(disable=True)
         pipeline = pipeline.to(device)
+        if performance is not None:
+            apply_performance(pipeline, performance)
         return cls(pipeline, weights=str(path), grounder=grounder)
 
     @property
@@ -88,11 +93,34 @@ class SpaSemSRUpscaler:
         return self._card
 
     def warm_up(self) -> None:
-        """One small run through every stage (kernels, allocator, lazy initialisation)."""
+        """One small run through every stage (kernels, allocator, lazy initialisation); with
+        compiled modules also the shapes served most: a full tile (CFG batch), and a full batch of
+        tiles when tiles are batched, so that compilation and CUDA-graph capture happen here."""
         started = time.perf_counter()
         image = Image.new("RGB", (16, 16), (128, 128, 128))
         self.upscale(image, UpscaleOptions(scale=2, steps=2, seed=0))
+        performance = self.pipeline.performance
+        if performance.compile:
+            for side, scale in self.warm_up_sizes():
+                image = Image.new("RGB", (side, side), (128, 128, 128))
+                self.upscale(image, UpscaleOptions(scale=scale, steps=2, seed=0))
         logger.info("SpaSemSR warmed up in %.2f s", time.perf_counter() - started)
+
+    def warm_up_sizes(self, tile_size: int = 512, scale: int = 4) -> list[tuple[int, int]]:
+        """``(input side, scale)`` of the warm-up jobs that compile the served shapes: one full
+        tile, then (with tile batching) a grid of at least one full batch of tiles."""
+        pipeline = self.pipeline
+        sizes = [(tile_size // scale, scale)]
+        batch = pipeline.performance.tile_batch_size
+        if batch > 1:
+            side = tile_size  # output pixels
+            while True:
+                cells = side // pipeline.vae_scale_factor
+                if len(pipeline._tiles(cells, cells, tile_size, None)) >= batch:
+                    break
+                side += tile_size // 2
+            sizes.append((side // scale, scale))
+        return sizes
 
     def _ground(
         self, image: Image.Image, options: UpscaleOptions

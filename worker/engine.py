@@ -14,6 +14,8 @@ from model.upscaler import Upscaler
 if TYPE_CHECKING:
     import torch
 
+    from model.performance import PerformanceSettings
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,11 +60,36 @@ def _load_spasemsr(settings: Settings) -> Upscaler:
     path = settings.model.path or ensure_demo_pipeline(
         settings.var_dir / "models" / "spasemsr-tiny"
     )
+    performance = _performance(settings, device)
     logger.info("loading SpaSemSR from %s on %s (%s)", path, device, dtype)
     upscaler: Upscaler = SpaSemSRUpscaler.from_pretrained(
-        path, device=device, dtype=dtype, grounder=_load_grounder(settings, device, dtype)
+        path,
+        device=device,
+        dtype=dtype,
+        grounder=_load_grounder(settings, device, dtype),
+        performance=performance,
     )
     return upscaler
+
+
+def _performance(settings: Settings, device: str) -> PerformanceSettings | None:
+    """The optimised speed settings on CUDA unless turned off; an explicit ``dtype`` other than
+    ``auto`` wins over the preset's."""
+    from dataclasses import replace
+
+    import torch
+
+    from model.performance import DTYPES, PerformanceSettings
+
+    if settings.model.optimise == "off" or torch.device(device).type != "cuda":
+        return None
+    performance = PerformanceSettings.optimised(device)
+    if settings.model.dtype != "auto":
+        chosen = DTYPES[settings.model.dtype]
+        # An fp16 VAE decoder can overflow; fp32 keeps it correct.
+        vae_dtype = torch.float32 if chosen == torch.float16 else chosen
+        performance = replace(performance, dtype=chosen, vae_dtype=vae_dtype)
+    return performance
 
 
 def _load_grounder(settings: Settings, device: str, dtype: torch.dtype) -> Grounder | None:

@@ -50,7 +50,8 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
             hostname=socket.gethostname(),
             started_at=utcnow(),
         ),
-        ttl_seconds=max(60.0, 3 * settings.worker.heartbeat_seconds),
+        # Long enough for loading, compiling and CUDA-graph capture at full size.
+        ttl_seconds=max(1800.0, 3 * settings.worker.heartbeat_seconds),
     )
     began = time.perf_counter()
     upscaler = load_upscaler(settings)
