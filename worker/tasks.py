@@ -170,7 +170,8 @@ class JobRunner:
                 output_format=parameters.output_format,
             )
             data = imaging.encode(image, parameters.output_format)
-            storage.put(self.job.output_key, data, content_type=parameters.output_format.media_type)
+            media_type = parameters.output_format.media_type
+            with_retries(lambda: storage.put(self.job.output_key, data, content_type=media_type))
         return ImageInfo(
             width=image.width, height=image.height, format=parameters.output_format, bytes=len(data)
         )

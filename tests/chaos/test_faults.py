@@ -31,9 +31,10 @@ FAST_RECOVERY = {
 
 
 def slow_image() -> bytes:
-    """Big enough that a x4 Lanczos job spends seconds resampling and encoding."""
+    """The largest input (2048², x4 = 8192² out): seconds of resampling and encoding even on a
+    quiet machine, in a few kilobytes of upload."""
     buffer = io.BytesIO()
-    Image.linear_gradient("L").resize((1400, 1400)).convert("RGB").save(buffer, format="PNG")
+    Image.linear_gradient("L").resize((2048, 2048)).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -81,6 +82,13 @@ def _wait_held_by_new_worker(redis_url: str, job_id: str, not_these: set[str]) -
             return str(worker)
         time.sleep(0.05)
     raise TimeoutError(f"no live worker picked up {job_id}")
+
+
+def _wait_for_stage(client: httpx.Client, job_id: str, stage: str) -> None:
+    deadline = time.monotonic() + 60
+    while client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"] != stage:
+        assert time.monotonic() < deadline, f"job {job_id} never reached {stage}"
+        time.sleep(0.01)
 
 
 def _pid_of(worker_name: str) -> int:
@@ -197,7 +205,7 @@ def test_storage_outage_answers_503_and_the_worker_retries_its_upload(
     try:
         with httpx.Client(base_url=service.url, timeout=60) as client:
             job_id = _submit(client, slow_image(), scale="4")
-            _wait_processing(client, job_id)
+            _wait_for_stage(client, job_id, "write")  # input read, result being encoded
             server.stop()  # the worker's result upload now fails, and is retried
             refused = client.post("/v1/jobs", files={"image": ("a.png", png_bytes())})
             assert refused.status_code == 503
@@ -207,7 +215,7 @@ def test_storage_outage_answers_503_and_the_worker_retries_its_upload(
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=own_port, verbose=False)
             server.start()  # moto keeps its buckets in-process: the same storage comes back
             job = wait_for_status(client, job_id, {"succeeded", "failed"}, 90)
-            assert job["status"] == "succeeded", job
+            assert job["status"] == "succeeded", job["error"]
             assert client.get("/readyz").status_code == 200
             assert client.get(f"/v1/jobs/{job_id}/result").status_code == 200
     finally:
