@@ -46,7 +46,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, SamVisionModel
 
-from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
 from model.color import COLOR_FIX_MODES, apply_color_fix
 from model.controlnet import SpatialSemanticControlNet
 from model.encoders import ImageEncoder, visual_guidance
@@ -61,7 +60,7 @@ from model.tiling import (
     tiled_vae_decode,
     tiled_vae_encode,
 )
-from model.unet_attention import SpaSemSRUNetAttention
+from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
 
 logger = logging.getLogger(__name__)
 
@@ -293,18 +292,10 @@ class SpaSemSRPipeline(DiffusionPipeline):
                 guidance=guidance,
                 conditioning_scale=conditioning_scale,
             )
-            noise: torch.Tensor = self.unet(
-                model_input,
-                timestep,
-                encoder_hidden_states=text,
-                down_block_additional_residuals=control.down_block_res_samples,
-                mid_block_additional_residual=control.mid_block_res_sample,
-                cross_attention_kwargs={
-                    INPUTS_KEY: SpaSemSRAttentionInputs(
-                        spatial_text=spatial_text, semantic=control.embeddings
-                    )
-                },
-            ).sample
+            noise = unet_with_control(
+                self.unet, model_input, timestep, text=text, spatial_text=spatial_text,
+                control=control,
+            )  # fmt: skip
         # Cloned so that a CUDA-graph replay of the next batch cannot overwrite it.
         return noise.clone() if self.performance.cuda_graphs else noise
 

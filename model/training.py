@@ -53,7 +53,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import SamVisionModel
 
-from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
 from model.controlnet import SpatialSemanticControlNet
 from model.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
 from model.encoders import ImageEncoder, semantic_features
@@ -61,7 +60,7 @@ from model.pipeline import SpaSemSRPipeline
 from model.prompt import Box, GroundedPrompt, Grounder
 from model.text import TextConditioner, default_prompt
 from model.tiling import boxes_for_tile
-from model.unet_attention import SpaSemSRUNetAttention
+from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
 
 logger = logging.getLogger(__name__)
 
@@ -381,18 +380,10 @@ class SpaSemSRTrainable(nn.Module):
             degradation_text=text,
             guidance=guidance,
         )
-        noise_pred = self.unet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=control.down_block_res_samples,
-            mid_block_additional_residual=control.mid_block_res_sample,
-            cross_attention_kwargs={
-                INPUTS_KEY: SpaSemSRAttentionInputs(
-                    spatial_text=spatial_text, semantic=control.embeddings
-                )
-            },
-        ).sample
+        noise_pred = unet_with_control(
+            self.unet, noisy_latents, timesteps, text=text, spatial_text=spatial_text,
+            control=control,
+        )  # fmt: skip
         out = {"noise_pred": noise_pred, "latent": latent, "semantic": semantic}
         if with_controlnet_reference and target_guidance is not None:
             with torch.no_grad():

@@ -21,7 +21,7 @@ folder (``save_pretrained`` / ``from_pretrained``), never inside the UNet's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,6 +31,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from model.attention import (
+    INPUTS_KEY,
     PassThroughAttnProcessor,
     SpaSemSRAttentionInputs,
     cross_attention_sites,
@@ -38,6 +39,9 @@ from model.attention import (
     site_key,
     zero_module,
 )
+
+if TYPE_CHECKING:
+    from model.controlnet import SpatialSemanticControlNetOutput
 
 _STOCK_ATTENTION = AttnProcessor2_0()
 
@@ -200,3 +204,30 @@ class SpaSemSRUNetAttention(ModelMixin, ConfigMixin):  # type: ignore[misc]  # d
     def uninstall(unet: UNet2DConditionModel) -> None:
         """Give ``unet`` back diffusers' default processors."""
         unet.set_attn_processor(AttnProcessor2_0())
+
+
+def unet_with_control(
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    *,
+    text: torch.Tensor,
+    spatial_text: torch.Tensor,
+    control: SpatialSemanticControlNetOutput,
+) -> torch.Tensor:
+    """The UNet step of arXiv 2603.14112 Fig. 2(d): ε prediction with the ControlNet's residuals
+    in the skips and middle, ``T_spa`` and the spatial-semantic embeddings in the added attention.
+    """
+    noise: torch.Tensor = unet(
+        sample,
+        timestep,
+        encoder_hidden_states=text,
+        down_block_additional_residuals=control.down_block_res_samples,
+        mid_block_additional_residual=control.mid_block_res_sample,
+        cross_attention_kwargs={
+            INPUTS_KEY: SpaSemSRAttentionInputs(
+                spatial_text=spatial_text, semantic=control.embeddings
+            )
+        },
+    ).sample
+    return noise
