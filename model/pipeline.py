@@ -97,6 +97,16 @@ class _TileConditioning:
     weights: torch.Tensor | None
 
 
+@dataclass
+class _BatchConditioning:
+    """The conditioning of a batch of same-shape tiles, concatenated once before the loop:
+    per CFG half ``(T_deg, T_spa, f)``, and all halves joined for a single forward."""
+
+    tiles: list[_TileConditioning]
+    halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class SpaSemSRPipeline(DiffusionPipeline):
     """SpaSemSR super-resolution on diffusers components plus SpaSemSR's own blocks.
 
@@ -255,19 +265,22 @@ class SpaSemSRPipeline(DiffusionPipeline):
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _predict_noise(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        condition: _TileConditioning,
-        text: torch.Tensor,
-        guidance_scale: float,
-        conditioning_scale: float,
-    ) -> torch.Tensor:
-        """ε for one tile: the ControlNet (Fig. 2c), then the UNet with its additions (Fig. 2d)."""
-        return self._predict_noise_tiles(
-            [latents], timestep, [condition], text, guidance_scale, conditioning_scale
-        )[0]
+    def _prepare_batch(
+        self, batch: list[_TileConditioning], text: torch.Tensor
+    ) -> _BatchConditioning:
+        """Per-image work for a batch of tiles, done once: the loop only stacks latents."""
+        count = len(batch)
+        halves = [slice(0, 1), slice(1, 2)] if text.shape[0] == 2 else [slice(0, 1)]
+        inputs = [
+            (
+                text[half].expand(count, *text.shape[1:]),
+                torch.cat([c.spatial_text[half] for c in batch]),
+                torch.cat([c.guidance[half] for c in batch]),
+            )
+            for half in halves
+        ]
+        t_deg, t_spa, f = (torch.cat(parts) for parts in zip(*inputs, strict=True))
+        return _BatchConditioning(tiles=batch, halves=inputs, joined=(t_deg, t_spa, f))
 
     def _forward(
         self,
@@ -303,37 +316,26 @@ class SpaSemSRPipeline(DiffusionPipeline):
         self,
         latents: list[torch.Tensor],
         timestep: torch.Tensor,
-        conditions: list[_TileConditioning],
-        text: torch.Tensor,
+        prepared: _BatchConditioning,
         guidance_scale: float,
         conditioning_scale: float,
     ) -> list[torch.Tensor]:
         """ε for tiles of one shape in one batch; with classifier-free guidance the batch is
         ``[uncond of every tile, cond of every tile]``, run as one forward when
         ``performance.cfg_batched`` else as two."""
-        count = len(latents)
-        do_cfg = text.shape[0] == 2
-        halves = [slice(0, 1), slice(1, 2)] if do_cfg else [slice(0, 1)]
-        inputs = []
-        for half in halves:
-            inputs.append(
-                (
-                    torch.cat(latents),
-                    text[half].expand(count, *text.shape[1:]),
-                    torch.cat([c.spatial_text[half] for c in conditions]),
-                    torch.cat([c.guidance[half] for c in conditions]),
-                )
-            )
-        if self.performance.cfg_batched or not do_cfg:
-            x, t_deg, t_spa, f = (torch.cat(parts) for parts in zip(*inputs, strict=True))
-            noise = self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
-            outputs = list(noise.chunk(len(halves)))
+        x = torch.cat(latents)
+        halves = len(prepared.halves)
+        if self.performance.cfg_batched or halves == 1:
+            t_deg, t_spa, f = prepared.joined
+            noise = self._forward(x.repeat(halves, 1, 1, 1), timestep, t_deg, t_spa, f,
+                                  conditioning_scale)  # fmt: skip
+            outputs = list(noise.chunk(halves))
         else:
             outputs = [
                 self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
-                for x, t_deg, t_spa, f in inputs
+                for t_deg, t_spa, f in prepared.halves
             ]
-        if do_cfg:
+        if halves == 2:
             uncond, cond = outputs
             noise = uncond + guidance_scale * (cond - uncond)
         else:
@@ -482,23 +484,23 @@ class SpaSemSRPipeline(DiffusionPipeline):
         # 6. denoising: per tile ControlNet + UNet (tiles of one shape batched), Gaussian-blended
         #    ε, one step for all the latent
         mark = self._sync()
-        batches = self._tile_batches(conditions)
+        batches = [self._prepare_batch(batch, text) for batch in self._tile_batches(conditions)]
         for index, timestep in enumerate(timesteps):
             model_input = noise_scheduler.scale_model_input(latents, timestep)
             if len(conditions) == 1:
-                noise_pred = self._predict_noise(
-                    model_input, timestep, conditions[0], text, guidance_scale, conditioning_scale
-                ).float()
+                noise_pred = self._predict_noise_tiles(
+                    [model_input], timestep, batches[0], guidance_scale, conditioning_scale
+                )[0].float()
             else:
                 noise_pred = torch.zeros_like(latents, dtype=torch.float32)
                 for batch in batches:
                     tile_inputs = [
-                        model_input[..., c.tile.slices[0], c.tile.slices[1]] for c in batch
+                        model_input[..., c.tile.slices[0], c.tile.slices[1]] for c in batch.tiles
                     ]
                     tile_preds = self._predict_noise_tiles(
-                        tile_inputs, timestep, batch, text, guidance_scale, conditioning_scale
+                        tile_inputs, timestep, batch, guidance_scale, conditioning_scale
                     )
-                    for condition, tile_pred in zip(batch, tile_preds, strict=True):
+                    for condition, tile_pred in zip(batch.tiles, tile_preds, strict=True):
                         rows, cols = condition.tile.slices
                         assert condition.weights is not None
                         noise_pred[..., rows, cols] += tile_pred.float() * condition.weights
