@@ -63,6 +63,12 @@ class ModelCard:
     device: str
     dtype: str
     description: str = ""
+    source: str = ""
+    """Where the weights come from (a package, a paper's release, a training run)."""
+    licence: str = ""
+    """The weights' licence (SPDX id where there is one)."""
+    scales: tuple[int, ...] = (2, 4)
+    """Magnifications this model serves."""
 
 
 @runtime_checkable

@@ -1,5 +1,10 @@
 """Tiny seeded configurations of the grounding models, for tests and the embedded demo.
 
+The demo grounder (:func:`ensure_demo_grounder`) has one trained part: its DRM is the official
+Real-ESRGAN x4plus RRDBNet (Wang et al. 2021), as the paper's DRM is an RRDBNet. Tests that build
+tiny grounders keep the seeded toy DRM (``drm="tiny"``, the default of
+:func:`build_tiny_grounder`).
+
 No machine here reaches a model hub (DESIGN 1.6), so the tiny grounder is built from the real
 classes (RRDBNet, transformers' ``CLIPModel`` and ``GroundingDinoForObjectDetection``) at toy sizes
 with seeded random weights, tokenizers written by the project, then saved and loaded back through
@@ -9,13 +14,16 @@ degradation estimates and caption are real measurements.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -229,15 +237,53 @@ def project_tokenizers(vocabulary: TagVocabulary) -> tuple[CLIPTokenizer, BertTo
     return clip_tokenizer, bert_tokenizer
 
 
-def build_tiny_grounder(seed: int = 0, *, masks: bool = False) -> SpaSemSRGrounder:
+DrmChoice = Literal["realesrgan-x4plus", "tiny"]
+DEMO_DRM: DrmChoice = "realesrgan-x4plus"
+"""The DRM of the demo grounder: the paper's DRM is an RRDBNet, and Real-ESRGAN x4plus is the
+trained one every installation has (``model.realesrgan``, converted once from the ncnn files)."""
+TINY_DRM_WEIGHTS = "tiny: a seeded random RRDBNet (8 features, 1 block)"
+
+
+def trained_drm(cache_root: Path) -> tuple[RRDBNet, str]:
+    """The converted Real-ESRGAN x4plus RRDBNet and the description of its weights."""
+    # Imported here: model.realesrgan imports this package's drm module.
+    from ..realesrgan.catalogue import ensure_converted, load_network, published
+
+    folder = ensure_converted(DEMO_DRM, cache_root)
+    network = load_network(folder)
+    if not isinstance(network, RRDBNet):
+        raise ValueError(f"{folder} does not hold an RRDBNet")
+    entry = published(DEMO_DRM)
+    return network, f"{DEMO_DRM}: {entry.source}, licence {entry.licence}"
+
+
+def demo_drm_config(**settings: Any) -> GrounderConfig:
+    """Grounder settings for the x4plus DRM: inputs are first brought to at most 128 px (the
+    toy tagger reads 32 px and the toy detector at most 128, so a 512-px clean estimate is
+    plenty) and run as one tile; 32 px of context if a caller raises the limit (the 23-block
+    net's effective reach is wide, see ``model.realesrgan.upscaler.RRDBNET_OVERLAP``)."""
+    return GrounderConfig(drm_tile=128, drm_overlap=32, drm_max_side=128, **settings)
+
+
+def build_tiny_grounder(
+    seed: int = 0,
+    *,
+    masks: bool = False,
+    drm: DrmChoice = "tiny",
+    cache_root: Path | None = None,
+) -> SpaSemSRGrounder:
     """The tiny grounder: every real class at toy size, seeded, tokenizers written locally.
 
     ``masks=True`` adds the tiny SAM masker and turns the flag on (built after the rest, so the
-    other components' weights are the same either way).
+    other components' weights are the same either way). ``drm="realesrgan-x4plus"`` swaps the
+    toy DRM for the trained Real-ESRGAN x4plus, converted into ``cache_root`` on first use; the
+    grounder stays ``trained=False`` (its tagger and detector are random) with ``drm_trained``.
     """
     torch.manual_seed(seed)
     vocabulary = TagVocabulary.default()
-    drm = frozen(RRDBNet(num_features=8, num_blocks=1, growth_channels=4, scale=4))
+    # Built in every case so that the random weights of the other components do not depend on
+    # the DRM choice.
+    drm_model = frozen(RRDBNet(num_features=8, num_blocks=1, growth_channels=4, scale=4))
     clip_tokenizer, bert_tokenizer = project_tokenizers(vocabulary)
     clip = tiny_clip(
         len(clip_tokenizer),
@@ -255,10 +301,25 @@ def build_tiny_grounder(seed: int = 0, *, masks: bool = False) -> SpaSemSRGround
     )
     tagger = ClipTagger(clip, clip_tokenizer, clip_processor, vocabulary)
     detector = GroundingDinoDetector(dino, bert_tokenizer, dino_processor)
-    # One RRDB block: a receptive radius under 24 input pixels, so 24 of overlap make tiles exact.
-    config = GrounderConfig(drm_tile=128, drm_overlap=24, trained=False, masks=masks)
-    masker = build_tiny_box_masker(seed, grid=config.mask_grid) if masks else None
-    return SpaSemSRGrounder(drm=drm, tagger=tagger, detector=detector, masker=masker, config=config)
+    masker = build_tiny_box_masker(seed, grid=GrounderConfig().mask_grid) if masks else None
+    if drm == "tiny":
+        # One RRDB block: a receptive radius under 24 input pixels, so 24 of overlap make tiles
+        # exact.
+        config = GrounderConfig(
+            drm_tile=128, drm_overlap=24, trained=False, masks=masks, drm_weights=TINY_DRM_WEIGHTS
+        )
+    elif drm == DEMO_DRM:
+        if cache_root is None:
+            raise ValueError(f"drm={drm!r} needs a cache_root to convert the weights into")
+        drm_model, description = trained_drm(cache_root)
+        config = demo_drm_config(
+            trained=False, masks=masks, drm_trained=True, drm_weights=description
+        )
+    else:
+        raise ValueError(f"drm must be 'tiny' or {DEMO_DRM!r}, got {drm!r}")
+    return SpaSemSRGrounder(
+        drm=drm_model, tagger=tagger, detector=detector, masker=masker, config=config
+    )
 
 
 def build_tiny_blip_captioner(seed: int = 0) -> BlipCaptioner:
@@ -353,27 +414,62 @@ def build_full_size_grounder(seed: int = 0) -> SpaSemSRGrounder:
     return SpaSemSRGrounder(drm=frozen(RRDBNet()), tagger=tagger, detector=detector)
 
 
-def ensure_demo_grounder(directory: Path, *, seed: int = 0) -> Path:
-    """Build the tiny grounder once and save it at ``directory``; later calls just return it.
+def demo_drm_of(directory: Path) -> str | None:
+    """The DRM choice a saved demo grounder was built with (``None``: no complete folder)."""
+    config_file = directory / SpaSemSRGrounder.config_name
+    if not config_file.is_file():
+        return None
+    try:
+        document = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    weights = str(document.get("config", {}).get("drm_weights", ""))
+    # Folders written before the DRM was recorded have the tiny DRM.
+    return weights.split(":", 1)[0] if weights else "tiny"
+
+
+def ensure_demo_grounder(
+    directory: Path,
+    *,
+    seed: int = 0,
+    drm: DrmChoice = DEMO_DRM,
+    cache_root: Path | None = None,
+) -> Path:
+    """Build the demo grounder once and save it at ``directory``; later calls just return it.
+
+    The demo grounder is the tiny one with, by default, the trained Real-ESRGAN x4plus as its
+    DRM, converted once into ``cache_root`` (default: ``directory``'s parent, where the
+    Real-ESRGAN upscalers keep theirs). A folder built with another DRM choice is rebuilt.
 
     Safe when several processes race: each builds into its own temporary folder beside the target
     and renames it into place; a loser finds the folder taken and discards its copy.
     """
     directory = Path(directory)
-    if (directory / SpaSemSRGrounder.config_name).is_file():
+    if demo_drm_of(directory) == drm:
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
+    root = Path(cache_root) if cache_root is not None else directory.parent
     scratch = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        build_tiny_grounder(seed).save_pretrained(scratch)
-        try:
-            scratch.rename(directory)
-        except OSError:
-            # Another process won the race (the target now exists and is not empty).
-            if not (directory / SpaSemSRGrounder.config_name).is_file():
-                raise
-            logger.info("demo grounder at %s was written by another process", directory)
+        build_tiny_grounder(seed, drm=drm, cache_root=root).save_pretrained(scratch)
+        _replace_folder(scratch, directory, is_current=lambda: demo_drm_of(directory) == drm)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
     return directory
+
+
+def _replace_folder(scratch: Path, directory: Path, *, is_current: Callable[[], bool]) -> None:
+    """Rename ``scratch`` to ``directory``, first setting aside a stale folder there."""
+    if directory.exists() and not is_current():
+        stale = directory.parent / f".{directory.name}.stale-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(OSError):
+            directory.rename(stale)  # another process may have moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        scratch.rename(directory)
+    except OSError:
+        # Another process won the race (the target now exists and is not empty).
+        if not is_current():
+            raise
+        logger.info("demo grounder at %s was written by another process", directory)

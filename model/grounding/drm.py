@@ -19,6 +19,7 @@ import logging
 import math
 import re
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -41,6 +42,20 @@ _LEGACY_RENAMES = (
     (r"^upconv2\.", "conv_up2."),
     (r"^HRconv\.", "conv_hr."),
 )
+
+
+class TileableNet(Protocol):
+    """What tiled inference needs of a super-resolution network (RRDBNet, SRVGGNetCompact)."""
+
+    scale_factor: int
+    """Output side / input side."""
+    out_channels: int
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class ResidualDenseBlock(nn.Module):
@@ -200,7 +215,7 @@ def infer_rrdbnet_config(state: dict[str, torch.Tensor]) -> dict[str, int]:
 
 @torch.no_grad()
 def tiled_forward(
-    model: RRDBNet, image: torch.Tensor, *, tile: int = 256, overlap: int = 16
+    model: TileableNet, image: torch.Tensor, *, tile: int = 256, overlap: int = 16
 ) -> torch.Tensor:
     """Run ``model`` on ``(B, C, H, W)`` in tiles of ``tile`` input pixels with ``overlap`` context.
 

@@ -87,6 +87,11 @@ class GrounderConfig:
     caption_hint_mode: Literal["scene", "full"] = "scene"
     trained: bool = False
     """Whether the weights are real (published) ones; the tiny demo's are random and labelled so."""
+    drm_trained: bool = False
+    """Whether the DRM alone has real weights (the demo grounder: the trained Real-ESRGAN x4plus
+    RRDBNet, while its tagger and detector are random, so ``trained`` stays false)."""
+    drm_weights: str = ""
+    """What the DRM's weights are, ``<name>: <description>`` (e.g. ``realesrgan-x4plus: ...``)."""
     masks: bool = False
     """Run the SAM masker on the boxes (needs a ``sam`` component)."""
     mask_grid: int = 64
