@@ -27,6 +27,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SpaSemSRError], HTTPStatus], ...] = (
     (errors.UnsupportedImage, HTTPStatus.UNSUPPORTED_MEDIA_TYPE),
     (errors.CorruptImage, HTTPStatus.UNPROCESSABLE_ENTITY),
     (errors.InvalidParameters, HTTPStatus.UNPROCESSABLE_ENTITY),
+    (errors.ModelNotServed, HTTPStatus.UNPROCESSABLE_ENTITY),
     (errors.JobNotFound, HTTPStatus.NOT_FOUND),
     (errors.JobNotFinished, HTTPStatus.CONFLICT),
     (errors.JobAlreadyFinished, HTTPStatus.CONFLICT),
@@ -76,6 +77,9 @@ def problem_for(error: errors.SpaSemSRError, instance: str | None = None) -> JSO
         headers = {"Retry-After": str(error.retry_after_seconds)}
     elif isinstance(error, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="spasemsr"'}
+    extensions: dict[str, Any] = {}
+    if isinstance(error, errors.ModelNotServed):
+        extensions["served"] = error.served
     detail = error.detail
     if status >= HTTPStatus.INTERNAL_SERVER_ERROR and not isinstance(
         error, errors.DependencyUnavailable
@@ -88,6 +92,7 @@ def problem_for(error: errors.SpaSemSRError, instance: str | None = None) -> JSO
         detail=detail,
         instance=instance,
         headers=headers,
+        **extensions,
     )
 
 

@@ -43,7 +43,6 @@ from app.errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE
 from app.services import Services
 from app.uploads import ASGIApp, Message, Receive, Scope, Send
 from core.errors import SpaSemSRError
-from core.queue import PRIORITY_ORDER
 from core.workers import WorkerState
 
 logger = logging.getLogger(__name__)
@@ -139,8 +138,8 @@ class RedisStateCollector:
             up.add_metric([], 0.0)
             return [up]
         try:
-            depths = services.queue.depth()
-            oldest = {p: services.queue.oldest_enqueued_at(p) for p in PRIORITY_ORDER}
+            depths = services.queue.depths()
+            oldest = services.queue.oldest_enqueued()
             live = services.workers.live()
         except (RedisError, ValidationError, ValueError) as exc:
             logger.warning("metrics: cannot read the queue state from Redis: %s", exc)
@@ -148,10 +147,11 @@ class RedisStateCollector:
             return [up]
         up.add_metric([], 1.0)
         now = self._now()
-        for priority in PRIORITY_ORDER:
-            depth.add_metric([priority.value], float(depths.get(priority, 0)))
-            head = oldest[priority]
-            age.add_metric([priority.value], max(0.0, now - head.timestamp()) if head else 0.0)
+        for (model, priority), count in depths.items():
+            labels = [priority.value, model.value]
+            depth.add_metric(labels, float(count))
+            head = oldest.get((model, priority))
+            age.add_metric(labels, max(0.0, now - head.timestamp()) if head else 0.0)
         counts = {state: 0 for state in WorkerState}
         for worker in live:
             counts[worker.state] += 1
@@ -166,12 +166,14 @@ def _families() -> tuple[
     return (
         GaugeMetricFamily("spasemsr_redis_up", "1 when the API could read Redis at this scrape."),
         GaugeMetricFamily(
-            "spasemsr_queue_depth", "Jobs waiting in each priority queue.", labels=["queue"]
+            "spasemsr_queue_depth",
+            "Jobs waiting in each queue (one per priority and model).",
+            labels=["queue", "model"],
         ),
         GaugeMetricFamily(
             "spasemsr_queue_oldest_age_seconds",
             "How long the job at the head of each queue has waited (0 when empty).",
-            labels=["queue"],
+            labels=["queue", "model"],
         ),
         GaugeMetricFamily(
             "spasemsr_workers", "Live workers by state (from their heartbeats).", labels=["state"]

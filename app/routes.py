@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
 
 from app.errors import problem_response
-from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelPublic
+from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelList, ModelPublic
 from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
 from app.uploads import check_image
@@ -21,6 +21,7 @@ from core.errors import (
     InvalidParameters,
     JobAlreadyFinished,
     JobNotFinished,
+    ModelNotServed,
     Overloaded,
     TooManyPixels,
     UploadTooLarge,
@@ -30,13 +31,13 @@ from core.jobs import (
     JobPayload,
     JobRecord,
     JobStatus,
-    Priority,
     input_key_for,
     new_job_id,
     output_key_for,
     utcnow,
 )
 from core.limits import request_fingerprint
+from core.models import ModelName, default_model
 from core.recovery import expire_if_stale
 from core.settings import Settings
 from core.webhooks import WebhookRefused, check_url
@@ -52,14 +53,39 @@ def _links(job_id: str) -> JobLinks:
     return JobLinks(self=f"/v1/jobs/{job_id}", result=f"/v1/jobs/{job_id}/result")
 
 
+def untrained_warning(model: str) -> str:
+    return (
+        f"The {model} weights are untrained (seeded random initialisation): results show the "
+        "pipeline working, not the model's quality."
+    )
+
+
+def _job_warnings(record: JobRecord, grounding: dict[str, Any] | None) -> list[str]:
+    warnings = []
+    if record.model_trained is False and record.model is not None:
+        warnings.append(untrained_warning(record.model.value))
+    if grounding is not None and grounding.get("trained") is False:
+        warnings.append(
+            "The grounding (tags, boxes) came from untrained models: it is not a description "
+            "of the image."
+        )
+    return warnings
+
+
 def _public(record: JobRecord, services: Services) -> JobPublic:
     position = None
-    if record.status is JobStatus.QUEUED:
-        position = services.queue.position(record.rq_job_id or record.id, record.priority)
-    grounding = record.details.get("grounding")
+    if record.status is JobStatus.QUEUED and record.model is not None:
+        position = services.queue.position(
+            record.rq_job_id or record.id, record.model, record.priority
+        )
+    found = record.details.get("grounding")
+    grounding = found if isinstance(found, dict) else None
     return JobPublic(
         id=record.id,
         status=record.status,
+        model=record.model,
+        model_trained=record.model_trained,
+        warnings=_job_warnings(record, grounding),
         priority=record.priority,
         queue_position=position,
         progress=record.progress,
@@ -71,7 +97,7 @@ def _public(record: JobRecord, services: Services) -> JobPublic:
         input=record.input,
         output=record.output,
         error=record.error,
-        grounding=grounding if isinstance(grounding, dict) else None,
+        grounding=grounding,
         links=_links(record.id),
     )
 
@@ -101,8 +127,9 @@ async def create_job(
 ) -> JobPublic:
     settings = services.settings
     await _refuse_unknown_fields(request)
+    model, trained = await run_in_threadpool(_choose_model, form.model, services)
     try:
-        parameters = form.parameters()
+        parameters = form.parameters(model)
     except ValidationError as exc:
         raise InvalidParameters(_first_message(exc)) from exc
     data = await _read_capped(image, settings.api.max_upload_bytes)
@@ -120,7 +147,7 @@ async def create_job(
         )
     if form.webhook_url is not None:
         await run_in_threadpool(_check_webhook, form.webhook_url, settings)
-    _refuse_when_full(services)
+    _refuse_when_full(services, model)
 
     job_id = new_job_id()
     if idempotency_key is not None:
@@ -144,6 +171,7 @@ async def create_job(
         created_at=utcnow(),
         owner=principal.name if principal.authenticated else None,
         webhook_url=form.webhook_url,
+        model_trained=trained,
     )
     try:
         await run_in_threadpool(
@@ -169,7 +197,8 @@ async def create_job(
             services.idempotency.release(principal.name, idempotency_key)
         raise
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    logger.info("job %s queued (%dx%d, x%d)", job_id, info.width, info.height, parameters.scale)
+    logger.info("job %s queued (%s, %dx%d, x%d)",
+                job_id, model.value, info.width, info.height, parameters.scale)  # fmt: skip
     return _public(record, services)
 
 
@@ -184,6 +213,28 @@ async def _refuse_unknown_fields(request: Request) -> None:
         raise InvalidParameters(f"Unknown form field(s): {', '.join(unknown)}.")
     if len(form.getlist("image")) != 1:
         raise InvalidParameters("Send exactly one 'image' file part.")
+
+
+def _choose_model(requested: ModelName | None, services: Services) -> tuple[ModelName, bool | None]:
+    """The model a request gets, and whether its weights are trained as far as is known.
+
+    The default model is always accepted (its jobs wait for a worker, like any job while
+    workers start); a model named explicitly must be held by a live worker, warming included.
+    """
+    default = default_model(services.settings)
+    live = services.workers.live()
+    chosen = requested or default
+    served = {name for worker in live for name in worker.serving}
+    if chosen is not default and chosen not in served:
+        names = sorted(name.value for name in served | {default})
+        raise ModelNotServed(
+            f"No worker of this service serves {chosen.value!r}; served: {', '.join(names)}.",
+            served=names,
+        )
+    trained = next(
+        (info.trained for worker in live for info in worker.models if info.name is chosen), None
+    )
+    return chosen, trained
 
 
 def _forget(services: Services, record: JobRecord) -> None:
@@ -221,23 +272,30 @@ def _replay(job_id: str, services: Services, response: Response) -> JobPublic:
     return _public(services.jobs.get(job_id), services)
 
 
-def _refuse_when_full(services: Services) -> None:
+def _refuse_when_full(services: Services, model: ModelName) -> None:
+    """Backpressure per model: each model has its own queues and often its own worker pool, so
+    one stalled model (its pool down or still warming) must not refuse the others' uploads."""
     api = services.settings.api
-    depth = sum(services.queue.depth().values())
+    depths = services.queue.depths()
+    depth = sum(count for (name, _), count in depths.items() if name is model)
     if depth >= api.max_queue_depth:
         raise Overloaded(
-            f"{depth} jobs are waiting (limit {api.max_queue_depth}); retry later.",
+            f"{depth} {model.value} jobs are waiting (limit {api.max_queue_depth}); retry later.",
             retry_after_seconds=api.retry_after_seconds,
         )
     oldest = min(
-        (t for p in Priority if (t := services.queue.oldest_enqueued_at(p)) is not None),
+        (
+            stamp
+            for (name, _), stamp in services.queue.oldest_enqueued().items()
+            if name is model and stamp is not None
+        ),
         default=None,
     )
     if oldest is not None:
         age = (utcnow() - oldest).total_seconds()
         if age > api.max_queue_age_seconds:
             raise Overloaded(
-                f"The oldest queued job has waited {age:.0f} s "
+                f"The oldest queued {model.value} job has waited {age:.0f} s "
                 f"(limit {api.max_queue_age_seconds:.0f} s); retry later.",
                 retry_after_seconds=api.retry_after_seconds,
             )
@@ -345,25 +403,46 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
 
 
 @router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses={401: PROBLEM},
+    summary="Every model the warm workers serve, and the default",
+)
+def list_models(services: ServicesDep, principal: PrincipalDep) -> ModelList:
+    return ModelList(default=default_model(services.settings), models=_served_models(services))
+
+
+@router.get(
     "/v1/model",
     response_model=ModelPublic,
-    responses={503: PROBLEM},
-    summary="The model the warm workers serve",
+    responses={401: PROBLEM, 503: PROBLEM},
+    summary="The default model (requests that name no model get it)",
 )
 def get_model(services: ServicesDep, principal: PrincipalDep) -> ModelPublic:
-    warm = [w for w in services.workers.warm() if w.model is not None]
-    if not warm:
+    models = _served_models(services)
+    if not models:
         raise DependencyUnavailable("No warm worker is serving a model yet.")
-    model = warm[0].model
-    assert model is not None
-    same = sum(1 for w in warm if w.model == model)
-    warnings = []
-    if not model.trained:
-        warnings.append(
-            "The weights are untrained (seeded random initialisation): outputs show the "
-            "pipeline working, not SpaSemSR's quality."
-        )
-    return ModelPublic(**model.model_dump(), workers=same, warnings=warnings)
+    return next((m for m in models if m.default), models[0])
+
+
+def _served_models(services: Services) -> list[ModelPublic]:
+    """One entry per model name across the warm workers, in catalogue order."""
+    default = default_model(services.settings)
+    by_name: dict[ModelName, ModelPublic] = {}
+    for worker in services.workers.warm():
+        for info in worker.models:
+            entry = by_name.get(info.name)
+            if entry is None:
+                entry = by_name[info.name] = ModelPublic(
+                    **info.model_dump(),
+                    workers=0,
+                    default=info.name is default,
+                    warnings=[] if info.trained else [untrained_warning(info.name.value)],
+                )
+            entry.workers += 1
+            if info.device not in entry.devices:
+                entry.devices.append(info.device)
+    return [by_name[name] for name in ModelName if name in by_name]
 
 
 @router.get("/healthz", response_model=HealthPublic, summary="The API process is alive")
@@ -405,7 +484,12 @@ def _readiness(services: Services) -> dict[str, str]:
     except Exception as exc:
         checks["storage"] = f"unavailable: {type(exc).__name__}"
     if checks["redis"] == "ok":
-        checks["workers"] = "ok" if services.workers.warm() else "no warm worker"
+        warm = services.workers.warm()
+        checks["workers"] = "ok" if warm else "no warm worker"
+        default = default_model(services.settings)
+        serving_default = any(info.name is default for w in warm for info in w.models)
+        # Requests that name no model go to the default: without it warm they only wait.
+        checks["default_model"] = "ok" if serving_default else f"{default.value} not warm"
     else:
-        checks["workers"] = "unknown"
+        checks["workers"] = checks["default_model"] = "unknown"
     return checks

@@ -19,11 +19,17 @@ from core.jobs import (
     Progress,
     SchedulerName,
 )
+from core.models import ModelName
 from core.workers import ModelInfo
 
 
 class JobCreate(BaseModel):
     """Form fields of ``POST /v1/jobs`` (beside the ``image`` file part)."""
+
+    model: Annotated[
+        ModelName | None,
+        Field(description="Which model; omitted = the service's default (see GET /v1/models)."),
+    ] = None
 
     # An int checked by a validator rather than Literal[2, 4]: form fields arrive as text,
     # and pydantic does not coerce "4" into an integer literal.
@@ -56,11 +62,13 @@ class JobCreate(BaseModel):
             raise ValueError("Input should be 2 or 4")
         return scale
 
-    def parameters(self) -> JobParameters:
+    def parameters(self, model: ModelName) -> JobParameters:
+        """The job's parameters, with the model the request resolved to."""
         tags = tuple(t for t in (self.tags or "").split(",") if t.strip())
         return JobParameters.model_validate(
             {
-                **self.model_dump(exclude={"priority", "tags", "webhook_url"}),
+                **self.model_dump(exclude={"priority", "tags", "webhook_url", "model"}),
+                "model": model,
                 "tags": tags,
             }
         )
@@ -74,6 +82,14 @@ class JobLinks(BaseModel):
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
+    model: ModelName | None = Field(default=None, description="The model that runs this job.")
+    model_trained: bool | None = Field(
+        default=None,
+        description="Whether that model's weights are trained (null: no worker seen yet).",
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="Things to know about the result, e.g. untrained weights."
+    )
     priority: Priority
     queue_position: int | None = Field(
         default=None, description="Jobs ahead of this one (0 = next); null unless queued."
@@ -95,7 +111,14 @@ class JobPublic(BaseModel):
 
 class ModelPublic(ModelInfo):
     workers: int = Field(description="Warm workers serving this model.")
+    default: bool = Field(default=False, description="Requests that name no model get this one.")
+    devices: list[str] = Field(default_factory=list, description="Devices of its warm workers.")
     warnings: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    default: ModelName
+    models: list[ModelPublic] = Field(description="Every model a warm worker serves.")
 
 
 class HealthPublic(BaseModel):

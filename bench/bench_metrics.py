@@ -77,7 +77,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ssr-bm-"))
     redis = EmbeddedRedis(work / "r", appendonly=False).start()
-    service = start_service(redis.url, work, workers=0, SPASEMSR_MODEL__UPSCALER="lanczos")
+    service = start_service(
+        redis.url,
+        work,
+        workers=0,
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
+    )
     try:
         ports = [free_port() for _ in range(args.workers)]
         for port in ports:

@@ -90,7 +90,8 @@ def main() -> None:
     image = png_bytes(args.size, args.size)
     with EmbeddedRedis(work / "redis", appendonly=True) as redis:
         service = start_service(redis.url, work, workers=args.workers,
-                                SPASEMSR_MODEL__UPSCALER="lanczos",
+                                SPASEMSR_WORKER__MODELS='["lanczos"]',
+                                SPASEMSR_MODEL__DEFAULT="lanczos",
                                 SPASEMSR_API__MAX_QUEUE_DEPTH="100000",
                                 SPASEMSR_API__RATE_LIMIT_PER_MINUTE="0")  # fmt: skip
         try:

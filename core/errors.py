@@ -8,6 +8,7 @@
     │   ├── UnsupportedImage            not a PNG, JPEG or WebP by its bytes
     │   ├── CorruptImage                a supported format that does not decode (truncated, damaged)
     │   ├── InvalidParameters           a parameter out of its bounds
+    │   ├── ModelNotServed              a model no worker of this service serves
     │   ├── JobNotFound                 no such job (or it expired)
     │   ├── JobNotFinished              the result was asked for before the job succeeded
     │   ├── JobAlreadyFinished          cancel asked of a job that already ended
@@ -77,6 +78,14 @@ class CorruptImage(ClientError):
 
 class InvalidParameters(ClientError):
     title = "Invalid parameters"
+
+
+class ModelNotServed(ClientError):
+    title = "Model not served"
+
+    def __init__(self, detail: str | None = None, *, served: list[str] | None = None) -> None:
+        super().__init__(detail)
+        self.served = sorted(served or [])
 
 
 class JobNotFound(ClientError):

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.models import ModelName
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -51,6 +53,8 @@ class ImageFormat(StrEnum):
 ColorFix = Literal["none", "adain", "wavelet"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
 
+SCALES: tuple[int, ...] = (2, 4)
+"""Magnifications of the v1 contract (``JobParameters.scale``)."""
 MAX_TAGS = 32
 MAX_TAG_CHARS = 64
 MAX_CAPTION_CHARS = 500
@@ -61,6 +65,10 @@ class JobParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    model: ModelName | None = None
+    """The model to run; ``None`` = the service's default, filled in when the job is accepted.
+    The diffusion parameters (steps, guidance, scheduler, colour fix, hints) apply to
+    ``spasemsr`` only; the other models ignore them."""
     scale: Literal[2, 4] = 4
     steps: Annotated[int, Field(ge=1, le=100)] = 20
     guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
@@ -143,6 +151,13 @@ class JobRecord(BaseModel):
     webhook: dict[str, Any] | None = None
     """Delivery state of the completion webhook: status, attempts, last error."""
     details: dict[str, Any] = {}
+    model_trained: bool | None = None
+    """Whether the model's weights are trained, as its workers announce it (``None``: unknown
+    until a worker serving the model has been seen)."""
+
+    @property
+    def model(self) -> ModelName | None:
+        return self.parameters.model
 
 
 def payload_for(record: JobRecord) -> JobPayload:

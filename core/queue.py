@@ -1,10 +1,13 @@
-"""The job queue: RQ with its JSON serializer and three priorities.
+"""The job queue: RQ with its JSON serializer, one queue per model and priority.
 
-The API enqueues by the task's dotted name, so it never imports the worker (or torch).
+The API enqueues by the task's dotted name, so it never imports the worker (or torch). Queue
+names are ``<prefix>-<model>-<priority>`` (e.g. ``spasemsr-realesrgan-x4plus-high``), so a
+worker serves exactly the models it holds warm, and an autoscaler can read one model's queues.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from redis import Redis
@@ -12,35 +15,51 @@ from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, cancel_job
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 
 from core.jobs import JobPayload, Priority
+from core.models import ALL_MODELS, ModelName
 
 TASK = "worker.tasks.run_job"
 WEBHOOK_TASK = "worker.webhooks.deliver_job_webhook"
 PRIORITY_ORDER = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
 
+QueueKey = tuple[ModelName, Priority]
+
+
+def queue_name(prefix: str, model: ModelName, priority: Priority) -> str:
+    return f"{prefix}-{model.value}-{priority.value}"
+
 
 class JobQueue:
     def __init__(self, connection: Redis, *, prefix: str) -> None:
         self._redis = connection
-        self._queues = {
-            priority: Queue(
-                f"{prefix}-{priority.value}", connection=connection, serializer=JSONSerializer
+        self._queues: dict[QueueKey, Queue] = {
+            (model, priority): Queue(
+                queue_name(prefix, model, priority),
+                connection=connection,
+                serializer=JSONSerializer,
             )
+            for model in ALL_MODELS
             for priority in PRIORITY_ORDER
         }
         self._webhooks = Queue(
             f"{prefix}-webhooks", connection=connection, serializer=JSONSerializer
         )
 
-    def queue(self, priority: Priority) -> Queue:
-        return self._queues[priority]
+    def queue(self, model: ModelName, priority: Priority) -> Queue:
+        return self._queues[(model, priority)]
 
-    def queues_for(self, priorities: tuple[str, ...]) -> list[Queue]:
-        """RQ queues in the order a worker should serve them (highest priority first)."""
+    def queues_for(self, models: Iterable[ModelName], priorities: tuple[str, ...]) -> list[Queue]:
+        """RQ queues in the order a worker should serve them: priority first, then model.
+
+        A worker holding several models takes every model's high-priority jobs before any
+        default one. Webhook deliveries come last: short HTTP calls that never delay an image.
+        """
         wanted = {Priority(name) for name in priorities}
-        # Webhook deliveries come last: short HTTP calls that never delay a waiting image.
-        return [self._queues[p] for p in PRIORITY_ORDER if p in wanted] + [self._webhooks]
+        held = list(dict.fromkeys(models))
+        ordered = [self._queues[(m, p)] for p in PRIORITY_ORDER if p in wanted for m in held]
+        return [*ordered, self._webhooks]
 
     def enqueue_webhook(self, job_id: str, *, retry_intervals: tuple[int, ...]) -> None:
         self._webhooks.enqueue_call(
@@ -65,8 +84,9 @@ class JobQueue:
         rq_job_id: str | None = None,
         delay_seconds: float = 0.0,
     ) -> None:
-        """Queue a job; a retry uses its own queue entry id and may wait ``delay_seconds``."""
-        queue = self._queues[priority]
+        """Queue a job on its model's queue; a retry uses its own queue entry id and may wait
+        ``delay_seconds``."""
+        queue = self._queues[(_model_of(payload), priority)]
         job = queue.create_job(
             TASK,
             args=(payload.model_dump(mode="json"),),
@@ -81,12 +101,13 @@ class JobQueue:
         else:
             queue.enqueue_job(job)
 
-    def position(self, job_id: str, priority: Priority) -> int | None:
-        """0-based place in line across priorities: jobs of higher queues go first."""
-        own = self._queues[priority].get_job_position(job_id)
+    def position(self, job_id: str, model: ModelName, priority: Priority) -> int | None:
+        """0-based place in line among the model's jobs: higher priorities go first."""
+        own = self._queues[(model, priority)].get_job_position(job_id)
         if own is None:
             return None
-        ahead = sum(self._queues[p].count for p in PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)])
+        higher = PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)]
+        ahead = sum(self._queues[(model, p)].count for p in higher)
         return int(ahead + own)
 
     def cancel(self, job_id: str) -> None:
@@ -96,22 +117,58 @@ class JobQueue:
         except (NoSuchJobError, InvalidJobOperation):
             return
 
-    def oldest_enqueued_at(self, priority: Priority) -> datetime | None:
-        """When the job at the head of a queue was enqueued (``None`` for an empty queue)."""
-        head = self._queues[priority].get_job_ids(0, 1)
-        if not head:
-            return None
-        job = self.fetch(head[0])
-        if job is None or job.enqueued_at is None:
-            return None
-        enqueued = job.enqueued_at
-        return enqueued if enqueued.tzinfo else enqueued.replace(tzinfo=UTC)
+    def depths(self) -> dict[QueueKey, int]:
+        """Jobs waiting in every queue, read in one round trip."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for queue in self._queues.values():
+                pipe.llen(queue.key)
+            counts = pipe.execute()
+        return {key: int(count) for key, count in zip(self._queues, counts, strict=True)}
 
-    def depth(self) -> dict[Priority, int]:
-        return {p: int(q.count) for p, q in self._queues.items()}
+    def total_depth(self) -> int:
+        return sum(self.depths().values())
+
+    def oldest_enqueued(self) -> dict[QueueKey, datetime | None]:
+        """When the job at the head of each queue was enqueued (``None`` for an empty queue),
+        in two round trips whatever the number of queues."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for queue in self._queues.values():
+                pipe.lindex(queue.key, 0)
+            heads = pipe.execute()
+        ids = {key: _text(head) for key, head in zip(self._queues, heads, strict=True) if head}
+        oldest: dict[QueueKey, datetime | None] = dict.fromkeys(self._queues)
+        if not ids:
+            return oldest
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in ids.values():
+                pipe.hget(Job.key_for(job_id), "enqueued_at")
+            stamps = pipe.execute()
+        for key, stamp in zip(ids, stamps, strict=True):
+            oldest[key] = _parse_stamp(stamp)
+        return oldest
 
     def fetch(self, job_id: str) -> Job | None:
         try:
             return Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)
         except NoSuchJobError:
             return None
+
+
+def _model_of(payload: JobPayload) -> ModelName:
+    model = payload.parameters.model
+    if model is None:
+        raise ValueError(f"job {payload.job_id} names no model; the API fills in the default")
+    return model
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_stamp(stamp: object) -> datetime | None:
+    if not stamp:
+        return None
+    try:
+        return utcparse(_text(stamp))
+    except ValueError:
+        return None

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.models import ModelName
+
 MiB = 1024 * 1024
 
 
@@ -38,9 +40,10 @@ class ApiSettings(BaseModel):
     """Input pixel cap, checked from the image header before anything is decoded."""
     max_output_pixels: int = Field(default=8192 * 8192, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)
-    """Beyond this many queued jobs in all queues, new uploads get 429 with ``Retry-After``."""
+    """Beyond this many queued jobs of a model (all its priorities), new uploads for that model
+    get 429 with ``Retry-After``."""
     max_queue_age_seconds: float = Field(default=900.0, gt=0)
-    """When the oldest queued job has waited longer than this, new uploads get 429."""
+    """When a model's oldest queued job has waited longer than this, its new uploads get 429."""
     retry_after_seconds: int = Field(default=30, ge=1)
     auth_required: bool = False
     """Production sets this: every request but health checks needs a key from ``keys``."""
@@ -80,6 +83,8 @@ class StorageSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     name: str | None = None
+    models: tuple[ModelName, ...] = ()
+    """Models this worker holds warm and serves the queues of; empty = every model."""
     queues: tuple[str, ...] = ("high", "default", "low")
     """Priorities served by this worker, highest first."""
     job_timeout_seconds: int = Field(default=1800, ge=1)
@@ -113,9 +118,15 @@ class WebhookSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    upscaler: Literal["spasemsr", "lanczos"] = "spasemsr"
+    default: ModelName | None = None
+    """The model of requests that name none; ``None``: ``spasemsr`` when ``path`` is set (a
+    trained pipeline), else ``realesrgan-x4plus`` (trained, published weights)."""
     path: Path | None = None
-    """SpaSemSR pipeline folder; ``None`` = the tiny demo pipeline built once under ``var/``."""
+    """SpaSemSR pipeline folder; ``None`` = the tiny, untrained demo pipeline built under
+    ``var/``."""
+    weights: dict[ModelName, Path] = Field(default_factory=dict)
+    """Your own weights for a Real-ESRGAN family model: a published ``.pth`` / ``.safetensors``
+    or a converted folder, e.g. ``{"realesrgan-x4plus": "/models/RealESRGAN_x4plus.pth"}``."""
     grounder_path: Path | None = None
     """Grounding models folder; ``None`` = the tiny demo grounder built once under ``var/``."""
     device: str = "auto"

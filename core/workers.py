@@ -14,6 +14,8 @@ from enum import StrEnum
 from pydantic import BaseModel
 from redis import Redis
 
+from core.models import ModelName
+
 
 class WorkerState(StrEnum):
     WARMING = "warming"
@@ -22,22 +24,30 @@ class WorkerState(StrEnum):
 
 
 class ModelInfo(BaseModel):
-    """What a worker serves (mirrors ``model.upscaler.ModelCard`` without importing the model)."""
+    """A model a worker serves (mirrors ``model.upscaler.ModelCard`` without importing the
+    model package)."""
 
-    name: str
+    name: ModelName
     version: str
     configuration: str
     weights: str
+    """Where the weights came from, in words (never a server path)."""
     trained: bool
     device: str
     dtype: str
     description: str = ""
+    source: str = ""
+    licence: str = ""
+    scales: tuple[int, ...] = (2, 4)
 
 
 class WorkerInfo(BaseModel):
     name: str
     state: WorkerState
-    model: ModelInfo | None = None
+    serving: tuple[ModelName, ...] = ()
+    """The models this worker holds (or is warming): announced before they are loaded."""
+    models: list[ModelInfo] = []
+    """What each warm model is; empty while warming."""
     pid: int
     hostname: str
     started_at: datetime
@@ -78,7 +88,7 @@ class WorkerRegistry:
         return [WorkerInfo.model_validate(json.loads(v)) for v in values if v is not None]
 
     def warm(self) -> list[WorkerInfo]:
-        return [w for w in self.live() if w.state is not WorkerState.WARMING and w.model]
+        return [w for w in self.live() if w.state is not WorkerState.WARMING and w.models]
 
 
 def _text(value: object) -> str:

@@ -57,11 +57,18 @@ class SpaSemSRUpscaler:
             name="spasemsr",
             version=VERSION,
             configuration=configuration,
-            weights=weights,
+            # The folder's name, never its path: the card is shown to every client.
+            weights=Path(weights).name or weights,
             trained=trained,
             device=str(pipeline.device),
             dtype=dtype,
             description=description,
+            source=(
+                "a trained SpaSemSR pipeline folder"
+                if trained
+                else "seeded random initialisation (no trained SpaSemSR checkpoint is public)"
+            ),
+            licence=str(pipeline.config.get("licence", "")),
         )
         if not trained:
             logger.warning(
@@ -138,6 +145,14 @@ class SpaSemSRUpscaler:
             {},
         )
 
+    def _grounding_trained(self, source: str) -> bool | None:
+        """Whether the tags and boxes come from trained grounding models (``None``: no model
+        produced them: they were given in the request or are the default prompt)."""
+        if source != "grounder" or self.grounder is None:
+            return None
+        config = getattr(self.grounder, "config", None)
+        return bool(getattr(config, "trained", False))
+
     def _now(self) -> float:
         if self.pipeline.device.type == "cuda":
             torch.cuda.synchronize(self.pipeline.device)
@@ -188,7 +203,12 @@ class SpaSemSRUpscaler:
             "total": total,
         }
         details: dict[str, Any] = {
-            "grounding": {**prompt.to_json(), "source": source, "timings": grounding_timings},
+            "grounding": {
+                **prompt.to_json(),
+                "source": source,
+                "trained": self._grounding_trained(source),
+                "timings": grounding_timings,
+            },
             "seed": seed,
         }
         return UpscaleResult(image=result_image, timings=timings, details=details)

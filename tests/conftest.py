@@ -74,7 +74,8 @@ def settings(redis_server: EmbeddedRedis, tmp_path: Path) -> Settings:
     return Settings(
         var_dir=tmp_path / "var",
         redis={"url": redis_server.url},
-        model={"upscaler": "lanczos"},
+        model={"default": "lanczos"},
+        worker={"models": ["lanczos"]},
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -18,7 +19,12 @@ from tests.conftest import ServiceProcesses, encode, png_bytes, start_service, w
 
 @pytest.fixture
 def lanczos_service(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[ServiceProcesses]:
-    service = start_service(redis_server.url, tmp_path, SPASEMSR_MODEL__UPSCALER="lanczos")
+    service = start_service(
+        redis_server.url,
+        tmp_path,
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
+    )
     yield service
     service.stop()
 
@@ -60,7 +66,12 @@ def test_upload_poll_download(
 
 def test_model_and_readiness(lanczos_service: ServiceProcesses) -> None:
     ready = httpx.get(lanczos_service.url + "/readyz").json()
-    assert ready["checks"] == {"redis": "ok", "storage": "ok", "workers": "ok"}
+    assert ready["checks"] == {
+        "redis": "ok",
+        "storage": "ok",
+        "workers": "ok",
+        "default_model": "ok",
+    }
     model = httpx.get(lanczos_service.url + "/v1/model").json()
     assert model["name"] == "lanczos"
     assert model["workers"] == 1
@@ -70,7 +81,11 @@ def test_jobs_wait_in_line_while_no_worker_runs(
     redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
     service = start_service(
-        redis_server.url, tmp_path, workers=0, SPASEMSR_MODEL__UPSCALER="lanczos"
+        redis_server.url,
+        tmp_path,
+        workers=0,
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
     )
     try:
         with httpx.Client(base_url=service.url, timeout=30) as client:
@@ -97,7 +112,8 @@ def test_s3_backend_end_to_end_with_presigned_redirect(
     service = start_service(
         redis_server.url,
         tmp_path,
-        SPASEMSR_MODEL__UPSCALER="lanczos",
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
         SPASEMSR_API__RESULT_DELIVERY="redirect",
         **s3_env,
     )
@@ -127,35 +143,65 @@ def test_s3_backend_end_to_end_with_presigned_redirect(
 
 @pytest.fixture(scope="module")
 def spasemsr_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcesses]:
-    """The default worker: the SpaSemSR pipeline (tiny demo weights) with its grounder."""
+    """A worker with the embedded default model (Real-ESRGAN x4plus, trained) and the SpaSemSR
+    pipeline (tiny demo weights) with its grounder; no default configured."""
     import tempfile
 
     redis = EmbeddedRedis(Path(tempfile.mkdtemp(prefix="ssr-e2e-")), appendonly=False).start()
     service = start_service(
-        redis.url, tmp_path_factory.mktemp("spasemsr"), SPASEMSR_MODEL__CPU_THREADS="1"
+        redis.url,
+        tmp_path_factory.mktemp("spasemsr"),
+        SPASEMSR_MODEL__CPU_THREADS="1",
+        SPASEMSR_WORKER__MODELS='["spasemsr", "realesrgan-x4plus"]',
     )
     yield service
     service.stop()
     redis.stop()
 
 
-def test_spasemsr_job_end_to_end(spasemsr_service: ServiceProcesses) -> None:
+def test_a_photo_with_no_parameters_gets_a_real_result(spasemsr_service: ServiceProcesses) -> None:
+    """The first thing a new user does: a real photograph, nothing but the image."""
+    from skimage import data as photos
+
+    original = Image.fromarray(photos.chelsea())
+    small = original.resize((128, round(128 * original.height / original.width)), Image.BICUBIC)
     with httpx.Client(base_url=spasemsr_service.url, timeout=60) as client:
         model = client.get("/v1/model").json()
-        assert (model["name"], model["configuration"], model["trained"]) == (
-            "spasemsr",
-            "tiny",
-            False,
+        assert (model["name"], model["trained"], model["licence"]) == (
+            "realesrgan-x4plus",
+            True,
+            "BSD-3-Clause",
         )
-        assert model["warnings"] and "untrained" in model["warnings"][0]
+        created = client.post("/v1/jobs", files={"image": ("chelsea.png", encode(small, "PNG"))})
+        assert created.status_code == 202, created.text
+        assert created.json()["model"] == "realesrgan-x4plus"
+        job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"}, 300)
+        assert job["status"] == "succeeded", job
+        assert job["model_trained"] is True and job["warnings"] == []
+        result = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/result").content))
+    assert result.size == (512, small.height * 4)
+    reference = np.asarray(original.resize(result.size, Image.LANCZOS), dtype=np.float64)
+    error = np.mean((np.asarray(result.convert("RGB"), dtype=np.float64) - reference) ** 2)
+    # The untrained pipeline scored 12.6-16.4 dB here (noise); a real restoration is far above.
+    assert 10 * np.log10(255**2 / error) > 24
+
+
+def test_spasemsr_job_end_to_end(spasemsr_service: ServiceProcesses) -> None:
+    with httpx.Client(base_url=spasemsr_service.url, timeout=60) as client:
+        listing = client.get("/v1/models").json()
+        spasemsr = next(m for m in listing["models"] if m["name"] == "spasemsr")
+        assert (spasemsr["configuration"], spasemsr["trained"]) == ("tiny", False)
+        assert spasemsr["warnings"] and "untrained" in spasemsr["warnings"][0]
         created = client.post(
             "/v1/jobs",
             files={"image": ("in.png", png_bytes(23, 17), "image/png")},
-            data={"scale": "4", "steps": "3", "seed": "7", "tags": "sky, sea"},
+            data={"model": "spasemsr", "scale": "4", "steps": "3", "seed": "7", "tags": "sky, sea"},
         )
         assert created.status_code == 202, created.text
         job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"}, 180)
         assert job["status"] == "succeeded", job
+        assert job["model"] == "spasemsr" and job["model_trained"] is False
+        assert any("untrained" in warning for warning in job["warnings"])
         result = client.get(f"/v1/jobs/{job['id']}/result")
         assert Image.open(io.BytesIO(result.content)).size == (92, 68)
         timings = job["timings"]
@@ -176,7 +222,7 @@ def test_spasemsr_running_job_is_canceled_at_its_next_step(
         created = client.post(
             "/v1/jobs",
             files={"image": ("in.png", png_bytes(32, 32), "image/png")},
-            data={"scale": "4", "steps": "100"},
+            data={"model": "spasemsr", "scale": "4", "steps": "100"},
         )
         job_id = created.json()["id"]
         deadline = time.monotonic() + 180

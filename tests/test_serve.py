@@ -24,7 +24,8 @@ def test_serve_runs_the_demo_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
     env = {
         **os.environ,
         "SPASEMSR_VAR_DIR": str(var / "v"),
-        "SPASEMSR_MODEL__UPSCALER": "lanczos",
+        "SPASEMSR_WORKER__MODELS": '["lanczos"]',
+        "SPASEMSR_MODEL__DEFAULT": "lanczos",
     }
     env.pop("SPASEMSR_REDIS__URL", None)
     serve = subprocess.Popen(

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from core.models import ModelName, worker_models
 from core.settings import Settings
 from model.lanczos import LanczosUpscaler
 from model.prompt import Grounder
@@ -36,27 +37,64 @@ def cpu_threads(configured: int | None) -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def load_upscaler(settings: Settings) -> Upscaler:
-    if settings.model.upscaler == "lanczos":
+def load_upscalers(settings: Settings) -> dict[ModelName, Upscaler]:
+    """Every model this worker holds (``SPASEMSR_WORKER__MODELS``), loaded once, in order."""
+    return {name: load_upscaler(settings, name) for name in worker_models(settings)}
+
+
+def load_upscaler(settings: Settings, name: ModelName) -> Upscaler:
+    if name is ModelName.LANCZOS:
         return LanczosUpscaler()
-    return _load_spasemsr(settings)
+    if name is ModelName.SPASEMSR:
+        return _load_spasemsr(settings)
+    return _load_realesrgan(settings, name)
 
 
-def _load_spasemsr(settings: Settings) -> Upscaler:
+def _load_realesrgan(settings: Settings, name: ModelName) -> Upscaler:
+    from model.realesrgan import RealESRGANUpscaler
+
+    device = _prepare_device(settings)
+    own = settings.model.weights.get(name)
+    if own is not None:
+        logger.info("loading %s from your weights %s on %s", name.value, own, device)
+        upscaler: Upscaler = RealESRGANUpscaler.from_weights(
+            own, name=name.value, device=device, dtype=_dtype(settings)
+        )
+        return upscaler
+    logger.info("loading %s (published weights) on %s", name.value, device)
+    published: Upscaler = RealESRGANUpscaler.from_catalogue(
+        name.value, cache_root=settings.var_dir / "models", device=device, dtype=_dtype(settings)
+    )
+    return published
+
+
+def _prepare_device(settings: Settings) -> str:
     import torch
-
-    from model.configs import ensure_demo_pipeline
-    from model.spasemsr import SpaSemSRUpscaler
 
     device = resolve_device(settings.model.device)
     if device == "cpu":
         torch.set_num_threads(cpu_threads(settings.model.cpu_threads))
-    dtype = {
+    return device
+
+
+def _dtype(settings: Settings) -> torch.dtype:
+    import torch
+
+    return {
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
         "auto": torch.float32,
     }[settings.model.dtype]
+
+
+def _load_spasemsr(settings: Settings) -> Upscaler:
+
+    from model.configs import ensure_demo_pipeline
+    from model.spasemsr import SpaSemSRUpscaler
+
+    device = _prepare_device(settings)
+    dtype = _dtype(settings)
     path = settings.model.path or ensure_demo_pipeline(
         settings.var_dir / "models" / "spasemsr-tiny"
     )

@@ -15,6 +15,7 @@ from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
 from core.jobs import utcnow
+from core.models import worker_models
 from core.queue import JobQueue
 from core.records import JobStore
 from core.recovery import JobRecovery
@@ -22,7 +23,7 @@ from core.redis_conn import connect_redis
 from core.settings import Settings
 from core.storage import build_storage
 from core.workers import WorkerInfo, WorkerRegistry, WorkerState
-from worker.engine import load_upscaler
+from worker.engine import load_upscalers
 from worker.metrics import WorkerMetrics, install_metrics
 from worker.runtime import Heartbeat, WorkerRuntime, install_runtime
 
@@ -39,13 +40,15 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     prefix = settings.redis.key_prefix
     name = settings.worker.name or default_worker_name()
     registry = WorkerRegistry(connection, prefix=prefix)
-    metrics = WorkerMetrics()
+    served = worker_models(settings)
+    metrics = WorkerMetrics(served)
     install_metrics(metrics)
     metrics.serve(settings.worker)  # up while warming: spasemsr_model_warm 0 until it is done
     registry.announce(
         WorkerInfo(
             name=name,
             state=WorkerState.WARMING,
+            serving=served,
             pid=os.getpid(),
             hostname=socket.gethostname(),
             started_at=utcnow(),
@@ -54,22 +57,24 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
         ttl_seconds=max(1800.0, 3 * settings.worker.heartbeat_seconds),
     )
     began = time.perf_counter()
-    upscaler = load_upscaler(settings)
-    upscaler.warm_up()
+    upscalers = load_upscalers(settings)
+    for upscaler in upscalers.values():
+        upscaler.warm_up()
+        card = upscaler.card
+        metrics.mark_warm(card)
+        logger.info(
+            "worker %s: %s warm (%s, %s, %s)%s",
+            name, card.name, card.configuration, card.device, card.dtype,
+            "" if card.trained else " -- UNTRAINED weights",
+        )  # fmt: skip
     warmup_seconds = time.perf_counter() - began
-    card = upscaler.card
-    metrics.mark_warm(card)
-    logger.info(
-        "worker %s warm in %.2f s: %s (%s, %s, %s)%s",
-        name, warmup_seconds, card.name, card.configuration, card.device, card.dtype,
-        "" if card.trained else " -- UNTRAINED weights",
-    )  # fmt: skip
+    logger.info("worker %s warm in %.2f s", name, warmup_seconds)
     jobs = JobStore(connection, prefix=prefix, ttl_seconds=settings.worker.record_ttl_seconds)
     queue = JobQueue(connection, prefix=prefix)
     runtime = WorkerRuntime(
         settings=settings,
         name=name,
-        upscaler=upscaler,
+        upscalers=upscalers,
         storage=build_storage(settings),
         jobs=jobs,
         registry=registry,
@@ -93,7 +98,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     heartbeat.start()
     worker = ServingWorker(
         runtime,
-        queue.queues_for(settings.worker.queues),
+        queue.queues_for(served, settings.worker.queues),
         connection=connection,
         serializer=JSONSerializer,
         name=name,

@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from core.jobs import JobStatus, Priority
+from core.models import ALL_MODELS, ModelName
 from core.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -56,63 +57,70 @@ OUTCOMES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
 class WorkerMetrics:
     """One worker process's registry; ``serve`` exposes it on its own port."""
 
-    def __init__(self) -> None:
+    def __init__(self, served: Iterable[ModelName] = ALL_MODELS) -> None:
+        self._served = tuple(served)
+        served = self._served
         self.registry = CollectorRegistry()
         self.queue_wait = Histogram(
             "spasemsr_queue_wait_seconds",
-            "Time from enqueue to the start of processing, by priority queue.",
-            ["queue"],
+            "Time from enqueue to the start of processing, by priority queue and model.",
+            ["queue", "model"],
             buckets=QUEUE_WAIT_BUCKETS,
             registry=self.registry,
         )
         self.inference = Histogram(
             "spasemsr_inference_seconds",
-            "Upscaler time per stage (GPU stages measured after synchronisation).",
-            ["stage"],
+            "Upscaler time per stage and model (GPU stages measured after synchronisation).",
+            ["stage", "model"],
             buckets=INFERENCE_BUCKETS,
             registry=self.registry,
         )
         self.jobs = Counter(
             "spasemsr_jobs",
-            "Jobs this worker finished, by outcome.",
-            ["outcome"],
+            "Jobs this worker finished, by outcome and model.",
+            ["outcome", "model"],
             registry=self.registry,
         )
         self.model_warm = Gauge(
             "spasemsr_model_warm",
-            "1 once the model is loaded and warmed up and the worker takes jobs.",
+            "1 once the model is loaded and warmed up and the worker takes its jobs.",
+            ["model"],
             registry=self.registry,
         )
-        self.model = Info("spasemsr_model", "The model this worker serves.", registry=self.registry)
+        self.model = Info(
+            "spasemsr_model", "Each model this worker serves.", ["model"], registry=self.registry
+        )
+        self._gpu_watched = False
         # Every bounded label value exists from the start: rates and ratios have data at once.
-        for priority in Priority:
-            self.queue_wait.labels(priority.value)
-        for stage in INFERENCE_STAGES:
-            self.inference.labels(stage)
-        for outcome in OUTCOMES:
-            self.jobs.labels(outcome.value)
+        for model in served:
+            for priority in Priority:
+                self.queue_wait.labels(priority.value, model.value)
+            for stage in INFERENCE_STAGES:
+                self.inference.labels(stage, model.value)
+            for outcome in OUTCOMES:
+                self.jobs.labels(outcome.value, model.value)
+            self.model_warm.labels(model.value).set(0)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def registry_text(self) -> str:
         return generate_latest(self.registry).decode()
 
-    def observe_queue_wait(self, queue: str, seconds: float) -> None:
-        self.queue_wait.labels(queue).observe(max(0.0, seconds))
+    def observe_queue_wait(self, queue: str, model: ModelName, seconds: float) -> None:
+        self.queue_wait.labels(queue, model.value).observe(max(0.0, seconds))
 
-    def observe_inference(self, timings: Mapping[str, float]) -> None:
+    def observe_inference(self, model: ModelName, timings: Mapping[str, float]) -> None:
         """Stage timings of one upscale; stages outside the fixed set are not exported."""
         for stage in INFERENCE_STAGES:
             if stage in timings:
-                self.inference.labels(stage).observe(float(timings[stage]))
+                self.inference.labels(stage, model.value).observe(float(timings[stage]))
 
-    def count_job(self, outcome: JobStatus) -> None:
-        self.jobs.labels(outcome.value).inc()
+    def count_job(self, outcome: JobStatus, model: ModelName) -> None:
+        self.jobs.labels(outcome.value, model.value).inc()
 
     def mark_warm(self, card: ModelCard) -> None:
-        self.model.info(
+        self.model.labels(card.name).info(
             {
-                "name": card.name,
                 "version": card.version,
                 "configuration": card.configuration,
                 "device": card.device,
@@ -120,12 +128,14 @@ class WorkerMetrics:
                 "trained": str(card.trained).lower(),
             }
         )
-        if card.device.startswith("cuda"):
+        if card.device.startswith("cuda") and not self._gpu_watched:
+            self._gpu_watched = True
             self.watch_gpu(card.device)
-        self.model_warm.set(1)
+        self.model_warm.labels(card.name).set(1)
 
     def mark_cold(self) -> None:
-        self.model_warm.set(0)
+        for model in self._served:
+            self.model_warm.labels(model.value).set(0)
 
     def watch_gpu(self, device: str) -> None:
         """Export the memory and utilisation of the CUDA device the model runs on."""

@@ -16,14 +16,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core.jobs import utcnow
+from core.errors import ModelNotServed
+from core.jobs import SCALES, utcnow
+from core.models import ModelName
 from core.queue import JobQueue
 from core.records import JobStore
 from core.recovery import JobRecovery
 from core.settings import Settings
 from core.storage import ObjectStorage
 from core.workers import ModelInfo, WorkerInfo, WorkerRegistry, WorkerState
-from model.upscaler import Upscaler
+from model.upscaler import ModelCard, Upscaler
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 class WorkerRuntime:
     settings: Settings
     name: str
-    upscaler: Upscaler
+    upscalers: dict[ModelName, Upscaler]
+    """The models this worker holds warm, by name (each one's queues are served)."""
     storage: ObjectStorage
     jobs: JobStore
     registry: WorkerRegistry
@@ -65,21 +68,23 @@ class WorkerRuntime:
     def shutdown_due(self) -> bool:
         return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
 
+    def upscaler_for(self, model: ModelName) -> Upscaler:
+        """The warm upscaler of ``model``; a job for a model this worker does not hold (only a
+        misrouted or hand-made queue entry) is a typed failure, not a crash."""
+        try:
+            return self.upscalers[model]
+        except KeyError:
+            held = ", ".join(name.value for name in self.upscalers)
+            raise ModelNotServed(
+                f"This worker serves {held}, not {model.value}.", served=list(self.upscalers)
+            ) from None
+
     def info(self) -> WorkerInfo:
-        card = self.upscaler.card
         return WorkerInfo(
             name=self.name,
             state=self.state,
-            model=ModelInfo(
-                name=card.name,
-                version=card.version,
-                configuration=card.configuration,
-                weights=card.weights,
-                trained=card.trained,
-                device=card.device,
-                dtype=card.dtype,
-                description=card.description,
-            ),
+            serving=tuple(self.upscalers),
+            models=[model_info(upscaler.card) for upscaler in self.upscalers.values()],
             pid=os.getpid(),
             hostname=socket.gethostname(),
             started_at=self.started_at,
@@ -119,6 +124,23 @@ class Heartbeat(threading.Thread):
             return
         if recovered:
             logger.warning("handed back %d job(s) of dead workers: %s", len(recovered), recovered)
+
+
+def model_info(card: ModelCard) -> ModelInfo:
+    return ModelInfo(
+        name=ModelName(card.name),
+        version=card.version,
+        configuration=card.configuration,
+        weights=card.weights,
+        trained=card.trained,
+        device=card.device,
+        dtype=card.dtype,
+        description=card.description,
+        source=card.source,
+        licence=card.licence,
+        # What the contract can ask for: a model that also serves x3 is listed with 2 and 4.
+        scales=tuple(scale for scale in card.scales if scale in SCALES),
+    )
 
 
 _current: WorkerRuntime | None = None

@@ -64,6 +64,8 @@ class JobRunner:
     def __init__(self, runtime: WorkerRuntime, job: JobPayload) -> None:
         self.runtime = runtime
         self.job = job
+        # A payload from before models were named was queued for the default upscaler.
+        self.model = job.parameters.model or next(iter(runtime.upscalers))
         self.timings: dict[str, float] = {}
 
     def run(self) -> dict[str, Any]:
@@ -85,13 +87,16 @@ class JobRunner:
             worker=runtime.name,
             attempts=record.attempts + 1,
             progress={"stage": "starting", "step": 0, "total": 0},
+            model_trained=self._model_trained(),
         ):
             logger.info("job %s is %s: not started", self.job.job_id, record.status.value)
             return {"status": "skipped"}
         if runtime.recovery is not None:
             runtime.recovery.mark_running(self.job.job_id, runtime.name)
         self.timings["queue_wait"] = (started_at - record.created_at).total_seconds()
-        current_metrics().observe_queue_wait(record.priority.value, self.timings["queue_wait"])
+        current_metrics().observe_queue_wait(
+            record.priority.value, self.model, self.timings["queue_wait"]
+        )
         began = time.perf_counter()
         with runtime.busy():
             try:
@@ -139,6 +144,10 @@ class JobRunner:
                 logger.warning("job %s out of memory; retrying with %d px tiles",
                                self.job.job_id, tile_size)  # fmt: skip
 
+    def _model_trained(self) -> bool | None:
+        upscaler = self.runtime.upscalers.get(self.model)
+        return None if upscaler is None else upscaler.card.trained
+
     def _hand_back(self, reason: str, *, count_attempt: bool) -> dict[str, Any]:
         recovery = self.runtime.recovery
         if recovery is not None:
@@ -152,10 +161,9 @@ class JobRunner:
         with self._timed("read"):
             decoded = imaging.decode(with_retries(lambda: storage.get(self.job.input_key)))
             padded, original_size = imaging.pad_to_minimum(decoded.rgb)
-        result = self.runtime.upscaler.upscale(
-            padded, self._options(tile_size), on_progress=self._on_progress
-        )
-        current_metrics().observe_inference(result.timings)
+        upscaler = self.runtime.upscaler_for(self.model)
+        result = upscaler.upscale(padded, self._options(tile_size), on_progress=self._on_progress)
+        current_metrics().observe_inference(self.model, result.timings)
         for stage, seconds in result.timings.items():
             self.timings["upscale" if stage == "total" else stage] = float(seconds)
         if result.details:
@@ -207,7 +215,7 @@ class JobRunner:
         error: SpaSemSRError | None = None,
     ) -> dict[str, Any]:
         self.timings["total"] = time.perf_counter() - began
-        current_metrics().count_job(status)
+        current_metrics().count_job(status, self.model)
         fields: dict[str, Any] = {
             "finished_at": utcnow(),
             "timings": self.timings,

@@ -24,6 +24,8 @@ def webhook_payload(record: JobRecord, public_url: str | None) -> dict[str, Any]
     return {
         "id": record.id,
         "status": record.status.value,
+        "model": record.model.value if record.model else None,
+        "model_trained": record.model_trained,
         "created_at": record.created_at.isoformat(),
         "finished_at": record.finished_at.isoformat() if record.finished_at else None,
         "output": record.output.model_dump(mode="json") if record.output else None,

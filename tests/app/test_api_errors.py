@@ -44,7 +44,7 @@ def _nothing_left_behind(settings: Settings) -> None:
     connection = Redis.from_url(settings.redis.url or "")
     assert list(connection.scan_iter("spasemsr:job:*")) == []
     for priority in ("high", "default", "low"):
-        assert connection.llen(f"rq:queue:spasemsr-{priority}") == 0
+        assert connection.llen(f"rq:queue:spasemsr-lanczos-{priority}") == 0
     storage = settings.storage_root()
     assert not storage.exists() or not any(p.is_file() for p in storage.rglob("*"))
 
@@ -239,7 +239,7 @@ def test_cancel_queued_job_at_once_then_409(client: TestClient, settings: Settin
     assert canceled.json()["status"] == "canceled"
     assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"
     assert not (settings.storage_root() / "inputs" / job["id"]).exists()
-    assert Redis.from_url(settings.redis.url or "").llen("rq:queue:spasemsr-default") == 0
+    assert Redis.from_url(settings.redis.url or "").llen("rq:queue:spasemsr-lanczos-default") == 0
     _assert_problem(client.delete(f"/v1/jobs/{job['id']}"), 409, "Job already finished")
 
 
@@ -266,7 +266,12 @@ def test_full_queue_is_429_with_retry_after(client: TestClient, settings: Settin
 def test_no_warm_worker_means_not_ready_and_no_model(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
     body = _assert_problem(client.get("/readyz"), 503, "Not ready")
-    assert body["checks"] == {"redis": "ok", "storage": "ok", "workers": "no warm worker"}
+    assert body["checks"] == {
+        "redis": "ok",
+        "storage": "ok",
+        "workers": "no warm worker",
+        "default_model": "lanczos not warm",
+    }
     _assert_problem(client.get("/v1/model"), 503, "Dependency unavailable")
 
 

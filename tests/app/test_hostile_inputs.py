@@ -22,6 +22,7 @@ from redis import Redis
 from app.main import create_app
 from core.embedded_redis import EmbeddedRedis
 from core.jobs import JobPayload, JobStatus
+from core.models import ModelName
 from core.records import JobStore
 from core.settings import Settings
 from core.storage import LocalStorage
@@ -139,7 +140,7 @@ def runtime(settings: Settings) -> WorkerRuntime:
     return WorkerRuntime(
         settings=settings,
         name="hostile-worker",
-        upscaler=LanczosUpscaler(),
+        upscalers={ModelName.LANCZOS: LanczosUpscaler()},
         storage=LocalStorage(settings.storage_root()),
         jobs=JobStore(connection, prefix="spasemsr", ttl_seconds=600),
         registry=WorkerRegistry(connection, prefix="spasemsr"),

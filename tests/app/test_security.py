@@ -100,7 +100,7 @@ def test_idempotency_key_returns_the_same_job(client_plain: TestClient, settings
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
     connection = Redis.from_url(settings.redis.url or "")
-    assert connection.llen("rq:queue:spasemsr-default") == 1  # queued once
+    assert connection.llen("rq:queue:spasemsr-lanczos-default") == 1  # queued once
     different = _post_with(client_plain, png_bytes(), headers, scale="4")
     _assert_problem(different, 422, "Idempotency key reused for a different request")
     other_key = _post_with(client_plain, png_bytes(), {"Idempotency-Key": "order-43"}, scale="2")
@@ -116,7 +116,7 @@ def test_idempotency_key_of_a_request_still_in_flight_is_409(
     keys = IdempotencyKeys(Redis.from_url(settings.redis.url or ""), prefix="spasemsr",
                            ttl_seconds=60)  # fmt: skip
     fingerprint = request_fingerprint(
-        png_bytes(), JobParameters(scale=2).model_dump_json(), Priority.DEFAULT
+        png_bytes(), JobParameters(model="lanczos", scale=2).model_dump_json(), Priority.DEFAULT
     )
     keys.claim("anonymous", "slow-1", job_id="not-created-yet", fingerprint=fingerprint)
     response = _post_with(client_plain, png_bytes(), {"Idempotency-Key": "slow-1"}, scale="2")
@@ -140,7 +140,7 @@ def test_queue_older_than_the_limit_is_429(client_plain: TestClient, settings: S
     time.sleep(0.8)
     response = _post(client_plain, png_bytes())
     body = _assert_problem(response, 429, "Service overloaded")
-    assert "oldest queued job" in str(body["detail"])
+    assert "oldest queued lanczos job" in str(body["detail"])
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from core.embedded_redis import EmbeddedRedis
 from tests.conftest import free_port, png_bytes, start_service, wait_for_status
 
 FAST_RECOVERY = {
-    "SPASEMSR_MODEL__UPSCALER": "lanczos",
+    "SPASEMSR_WORKER__MODELS": '["lanczos"]',
+        "SPASEMSR_MODEL__DEFAULT": "lanczos",
     "SPASEMSR_WORKER__HEARTBEAT_SECONDS": "0.5",
     "SPASEMSR_WORKER__RETRY_BACKOFF_SECONDS": "0.5",
     "SPASEMSR_API__RATE_LIMIT_PER_MINUTE": "0",
@@ -273,7 +274,7 @@ def test_queue_ttl_and_run_timeout_end_with_their_own_errors(
             time.sleep(3.5)
             job = client.get(f"/v1/jobs/{stale}").json()
             assert job["status"] == "failed" and job["error"]["type"] == "queue-timeout", job
-            assert Redis.from_url(aof_redis.url).llen("rq:queue:spasemsr-default") == 0
+            assert Redis.from_url(aof_redis.url).llen("rq:queue:spasemsr-lanczos-default") == 0
             service.start_worker()
             slow = _submit(client, slow_image(), scale="4")
             job = wait_for_status(client, slow, {"succeeded", "failed"}, 60)

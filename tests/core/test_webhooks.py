@@ -106,7 +106,7 @@ def test_completion_webhook_is_signed_and_retried(
 ) -> None:
     service = start_service(
         redis_server.url, tmp_path,
-        SPASEMSR_MODEL__UPSCALER="lanczos",
+        SPASEMSR_WORKER__MODELS='["lanczos"]', SPASEMSR_MODEL__DEFAULT="lanczos",
         SPASEMSR_WEBHOOKS__SECRET="hook-secret",
         SPASEMSR_WEBHOOKS__ALLOW_NETWORKS='["127.0.0.0/8"]',
         SPASEMSR_WEBHOOKS__RETRY_INTERVALS_SECONDS="[1, 1]",
@@ -132,6 +132,7 @@ def test_completion_webhook_is_signed_and_retried(
         payload = json.loads(body)
         assert payload["id"] == job["id"] and payload["status"] == "succeeded"
         assert payload["output"]["width"] == 48
+        assert (payload["model"], payload["model_trained"]) == ("lanczos", True)
     finally:
         service.stop()
 

@@ -64,7 +64,8 @@ def load_service(aof_redis: EmbeddedRedis, tmp_path: Path) -> Iterator[ServicePr
         aof_redis.url,
         tmp_path,
         workers=WORKERS,
-        SPASEMSR_MODEL__UPSCALER="lanczos",
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
         SPASEMSR_API__RATE_LIMIT_PER_MINUTE="0",
         SPASEMSR_API__MAX_QUEUE_DEPTH="100000",
     )
@@ -217,7 +218,8 @@ def test_load_all_jobs_complete_exactly_once(
 
     # The queue: nothing left waiting or running, nothing failed, one finished entry per job.
     queues = [
-        Queue(f"{PREFIX}-{p}", connection=redis, serializer=JSONSerializer) for p in PRIORITIES
+        Queue(f"{PREFIX}-lanczos-{p}", connection=redis, serializer=JSONSerializer)
+        for p in PRIORITIES
     ]
 
     def rq_settled() -> bool:
@@ -228,7 +230,7 @@ def test_load_all_jobs_complete_exactly_once(
 
     eventually(rq_settled, timeout=30, what="RQ queues empty and every job finished in RQ")
     for queue in queues:
-        assert queue.key == f"rq:queue:{PREFIX}-{queue.name.rsplit('-', 1)[1]}"
+        assert queue.key == f"rq:queue:{PREFIX}-lanczos-{queue.name.rsplit('-', 1)[1]}"
         assert redis.llen(queue.key) == 0, queue.name
         assert FailedJobRegistry(queue=queue).count == 0, queue.name
     finished = Counter(
@@ -238,7 +240,7 @@ def test_load_all_jobs_complete_exactly_once(
     assert max(finished.values()) == 1, "a job finished twice in RQ"
     for queue in queues:
         for job_id in FinishedJobRegistry(queue=queue).get_job_ids():
-            assert queue.name == f"{PREFIX}-{priority_of[job_id]}", (job_id, queue.name)
+            assert queue.name == f"{PREFIX}-lanczos-{priority_of[job_id]}", (job_id, queue.name)
     assert not redis.hgetall(f"{PREFIX}:running"), "jobs still marked running"
 
     # Figures.

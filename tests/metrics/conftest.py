@@ -25,6 +25,8 @@ RULES = DEPLOY / "prometheus" / "rules" / "spasemsr.rules.yml"
 QUEUED_BEFORE_WORKERS = 6
 QUEUED_WHILE_RUNNING = 3
 WORKERS = 2
+MODEL = "lanczos"
+"""The one model both workers hold and every job gets (the API's default)."""
 
 
 @dataclass
@@ -146,7 +148,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             redis.url,
             directory,
             workers=0,
-            SPASEMSR_MODEL__UPSCALER="lanczos",
+            SPASEMSR_WORKER__MODELS=f'["{MODEL}"]',
+            SPASEMSR_MODEL__DEFAULT=MODEL,
             SPASEMSR_API__MAX_UPLOAD_BYTES="100000",
         )
         worker_ports = [free_port() for _ in range(WORKERS)]

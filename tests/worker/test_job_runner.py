@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from core.jobs import (
     output_key_for,
     utcnow,
 )
+from core.models import ModelName
 from core.records import JobStore
 from core.settings import Settings
 from core.storage import LocalStorage
@@ -38,7 +40,7 @@ def runtime(settings: Settings, tmp_path: Path) -> WorkerRuntime:
     return WorkerRuntime(
         settings=settings,
         name="test-worker",
-        upscaler=LanczosUpscaler(),
+        upscalers={ModelName.LANCZOS: LanczosUpscaler()},
         storage=LocalStorage(tmp_path / "storage"),
         jobs=JobStore(connection, prefix="spasemsr", ttl_seconds=600),
         registry=WorkerRegistry(connection, prefix="spasemsr"),
@@ -48,7 +50,7 @@ def runtime(settings: Settings, tmp_path: Path) -> WorkerRuntime:
 
 def _submit(runtime: WorkerRuntime, data: bytes, **parameters: object) -> JobPayload:
     job_id = new_job_id()
-    params = JobParameters.model_validate(parameters)
+    params = JobParameters.model_validate({"model": "lanczos", **parameters})
     image = Image.open(io.BytesIO(data))
     info = ImageInfo(
         width=image.width, height=image.height, format=ImageFormat.PNG, bytes=len(data)
@@ -162,14 +164,14 @@ class _DeviceFaults(LanczosUpscaler):
 
 
 def test_out_of_memory_retries_with_smaller_tiles(runtime: WorkerRuntime) -> None:
-    runtime.upscaler = faulty = _DeviceFaults(out_of_memory_above=256)
+    runtime.upscalers[ModelName.LANCZOS] = faulty = _DeviceFaults(out_of_memory_above=256)
     payload = _submit(runtime, png_bytes(), tile_size=1024)
     assert JobRunner(runtime, payload).run() == {"status": "succeeded"}
     assert faulty.tile_sizes == [1024, 512, 256]
 
 
 def test_out_of_memory_at_the_smallest_tiles_fails_clearly(runtime: WorkerRuntime) -> None:
-    runtime.upscaler = _DeviceFaults(out_of_memory_above=0)
+    runtime.upscalers[ModelName.LANCZOS] = _DeviceFaults(out_of_memory_above=0)
     payload = _submit(runtime, png_bytes(), tile_size=512)
     assert JobRunner(runtime, payload).run() == {"status": "failed"}
     error = runtime.jobs.get(payload.job_id).error
@@ -186,11 +188,50 @@ def test_a_fatal_device_error_hands_the_job_back_and_exits(runtime: WorkerRuntim
         connection, prefix="spasemsr", jobs=runtime.jobs, queue=queue, registry=runtime.registry,
         max_attempts=3, backoff_seconds=0, job_timeout_seconds=60, keep_seconds=600,
     )  # fmt: skip
-    runtime.upscaler = _DeviceFaults(fatal=True)
+    runtime.upscalers[ModelName.LANCZOS] = _DeviceFaults(fatal=True)
     payload = _submit(runtime, png_bytes())
     with pytest.raises(SystemExit) as exit_info:
         JobRunner(runtime, payload).run()
     assert exit_info.value.code == 70  # the supervisor starts a fresh process
     record = runtime.jobs.get(payload.job_id)
     assert record.status is JobStatus.QUEUED and record.attempts == 1
-    assert queue.depth()[Priority.DEFAULT] == 1  # back in line for another worker
+    assert (
+        queue.depths()[(ModelName.LANCZOS, Priority.DEFAULT)] == 1
+    )  # back in line for another worker
+
+
+class _Named(LanczosUpscaler):
+    """Lanczos under another model's name and training state, to see which one a job runs."""
+
+    def __init__(self, name: str, *, trained: bool) -> None:
+        super().__init__()
+        self._card = replace(self._card, name=name, trained=trained)
+        self.runs = 0
+
+    def upscale(self, image, options, *, on_progress=None):  # type: ignore[no-untyped-def]
+        self.runs += 1
+        return super().upscale(image, options, on_progress=on_progress)
+
+
+def test_each_job_runs_on_its_own_model_and_records_whether_it_is_trained(
+    runtime: WorkerRuntime,
+) -> None:
+    untrained = _Named("spasemsr", trained=False)
+    runtime.upscalers[ModelName.SPASEMSR] = untrained
+    lanczos_job = _submit(runtime, png_bytes())
+    spasemsr_job = _submit(runtime, png_bytes(), model="spasemsr")
+    assert JobRunner(runtime, lanczos_job).run() == {"status": "succeeded"}
+    assert JobRunner(runtime, spasemsr_job).run() == {"status": "succeeded"}
+    assert untrained.runs == 1
+    assert runtime.jobs.get(lanczos_job.job_id).model_trained is True
+    record = runtime.jobs.get(spasemsr_job.job_id)
+    assert record.model is ModelName.SPASEMSR and record.model_trained is False
+
+
+def test_a_job_for_a_model_this_worker_does_not_hold_fails_with_a_clear_error(
+    runtime: WorkerRuntime,
+) -> None:
+    payload = _submit(runtime, png_bytes(), model="realesrgan-x4plus")
+    assert JobRunner(runtime, payload).run() == {"status": "failed"}
+    error = runtime.jobs.get(payload.job_id).error
+    assert error is not None and "lanczos, not realesrgan-x4plus" in error.detail
