@@ -78,6 +78,7 @@ async def run_bench(
     options: JobOptions,
     timeout: float,
     api_key: str | None = None,
+    model: str | None = None,
 ) -> BenchReport:
     limit = asyncio.Semaphore(concurrency)
     retry = RetryPolicy(retries=20, max_wait=10.0)
@@ -85,7 +86,7 @@ async def run_bench(
 
         async def one() -> _Sample:
             async with limit:
-                return await _one_job(client, image, options, timeout)
+                return await _one_job(client, image, options, timeout, model)
 
         began = time.perf_counter()
         samples = await asyncio.gather(*(one() for _ in range(jobs)))
@@ -94,11 +95,15 @@ async def run_bench(
 
 
 async def _one_job(
-    client: AsyncSpaSemSRClient, image: bytes, options: JobOptions, timeout: float
+    client: AsyncSpaSemSRClient,
+    image: bytes,
+    options: JobOptions,
+    timeout: float,
+    model: str | None = None,
 ) -> _Sample:
     began = time.perf_counter()
     try:
-        job = await client.submit(image, filename="bench.png", **options)
+        job = await client.submit(image, model=model, filename="bench.png", **options)
         uploaded = time.perf_counter() - began
         job = await client.wait(job.id, timeout=timeout, poll_interval=0.02, raise_on_failure=False)
     except ClientError as error:

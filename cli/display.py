@@ -1,4 +1,9 @@
-"""How the CLI shows jobs: live progress bars on a terminal, one line per change otherwise."""
+"""How the CLI shows jobs: live progress bars on a terminal, one line per change otherwise.
+
+Every job shown names its model and whether the model's weights are trained; the warnings the
+service attaches to a job (untrained weights, untrained grounding) go to stderr once each, as
+``WARNING: ...`` lines.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,34 @@ class Tracked:
         return self.error is not None or (self.job is not None and self.job.is_terminal)
 
 
+def model_text(job: Job) -> str:
+    """The job's model and whether it is trained, e.g. ``lanczos, trained``."""
+    name = job.model or "service default"
+    if job.model_trained is None:
+        return f"{name}, trained: unknown"
+    return f"{name}, {'trained' if job.model_trained else 'UNTRAINED'}"
+
+
+def job_warnings(job: Job) -> list[str]:
+    """What the user must be told about this job's result: the service's warnings, and one
+    about untrained weights even when the service gave none."""
+    warnings = list(job.warnings)
+    if job.untrained and not any("untrained" in warning.lower() for warning in warnings):
+        warnings.append(
+            f"The {job.model or 'model'} weights are untrained: results show the pipeline "
+            "working, not the model's quality."
+        )
+    return warnings
+
+
+def warning_line(message: str) -> str:
+    return f"WARNING: {message}"
+
+
+def print_warning(console: Console, message: str) -> None:
+    console.print(warning_line(message), style="bold yellow", markup=False, highlight=False)
+
+
 def describe(job: Job) -> str:
     """A short human description of where a job stands."""
     status = job.status
@@ -75,12 +108,29 @@ class Reporter(Protocol):
         """A one-off message (to the diagnostics stream)."""
 
 
+class _Warnings:
+    """Each distinct job warning once per run, however many jobs and updates carry it."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._seen: set[str] = set()
+
+    def show(self, item: Tracked) -> None:
+        if item.job is None:
+            return
+        for warning in job_warnings(item.job):
+            if warning not in self._seen:
+                self._seen.add(warning)
+                print_warning(self._console, warning)
+
+
 class LineReporter:
     """One line on stderr per change: readable in logs and CI, where nothing redraws."""
 
     def __init__(self, console: Console) -> None:
         self._console = console
         self._last: dict[int, str] = {}
+        self._warnings = _Warnings(console)
 
     def __enter__(self) -> Self:
         return self
@@ -98,6 +148,7 @@ class LineReporter:
         if self._last.get(id(item)) != line:
             self._last[id(item)] = line
             self._console.print(f"{item.label}: {line}", markup=False, highlight=False)
+        self._warnings.show(item)
 
     def note(self, message: str) -> None:
         self._console.print(message, markup=False, highlight=False)
@@ -115,6 +166,7 @@ class BarReporter:
             console=console,
         )
         self._tasks: dict[int, TaskID] = {}
+        self._warnings = _Warnings(self._progress.console)
 
     def __enter__(self) -> Self:
         self._progress.start()
@@ -137,6 +189,7 @@ class BarReporter:
         self._progress.update(task, completed=completed, total=total, state=_line(item))
         if item.finished:
             self._progress.stop_task(task)
+        self._warnings.show(item)
 
     def note(self, message: str) -> None:
         self._progress.console.print(message, markup=False, highlight=False)
@@ -147,7 +200,7 @@ def _line(item: Tracked) -> str:
         return f"error: {item.error}"
     if item.job is None:
         return "uploading"
-    text = f"job {item.job.id} {describe(item.job)}"
+    text = f"job {item.job.id} [{model_text(item.job)}] {describe(item.job)}"
     if item.output is not None:
         text += f" -> {item.output}"
     return text

@@ -1,6 +1,7 @@
-"""``spasemsr upscale IN OUT``: the worker's pipeline run locally, without the service.
+"""``spasemsr upscale IN OUT --model NAME``: any model run locally, without the service.
 
-The upscaler is built exactly as a worker builds it (``worker.engine.load_upscaler``) and the
+The upscaler is built exactly as a worker builds it (``worker.engine.load_upscaler(settings,
+name)``) and the
 image goes through the same decode / pad / finish / encode steps (``worker.imaging``), so a
 local result matches what the service would return for the same parameters.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -17,10 +19,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from core.jobs import ImageFormat, JobParameters
+from core.models import ModelName
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from model.upscaler import UpscaleResult
+    from model.upscaler import ModelCard, UpscaleResult
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +92,25 @@ class StageProgress:
         self._progress.update(task, completed=step, total=max(total, 1))
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    size: tuple[int, int]
+    """The output image's width and height."""
+    result: UpscaleResult
+    card: ModelCard
+    """The model that ran (name, version, trained or not)."""
+
+
 def upscale_file(
     settings: Settings,
+    model: ModelName,
     source: Path,
     target: Path,
     parameters: JobParameters,
     progress: StageProgress,
-) -> tuple[tuple[int, int], UpscaleResult]:
-    """Upscale ``source`` into ``target``; the output size and the upscaler's result."""
+) -> LocalRun:
+    """Upscale ``source`` into ``target`` with ``model``; the output size, the upscaler's result
+    and the model's card."""
     from model.upscaler import UpscaleOptions
     from worker import imaging
     from worker.engine import load_upscaler
@@ -107,7 +121,7 @@ def upscale_file(
     except (OSError, ValueError) as exc:
         raise LocalInputError(f"cannot read {source}: not an image that can be decoded") from exc
     started = time.perf_counter()
-    upscaler = load_upscaler(settings)
+    upscaler = load_upscaler(settings, model)
     logger.info("loaded %s in %.1f s", upscaler.card.name, time.perf_counter() - started)
     padded, original_size = imaging.pad_to_minimum(decoded.rgb)
     options = UpscaleOptions(
@@ -132,4 +146,4 @@ def upscale_file(
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(imaging.encode(image, output_format))
-    return image.size, result
+    return LocalRun(size=image.size, result=result, card=upscaler.card)

@@ -1,8 +1,11 @@
 """The ``spasemsr`` command (typer).
 
 Runs the service's processes (``serve``, ``api``, ``worker``), talks to a running service
-through the Python client (``submit``, ``status``, ``cancel``, ``model``, ``bench``, ``demo``)
-and runs the pipeline locally without any service (``upscale``).
+through the Python client (``submit``, ``status``, ``cancel``, ``models``, ``model``, ``bench``,
+``demo``) and runs any model locally without a service (``upscale``).
+
+Every job shown names its model and whether the model is trained; untrained weights get a
+``WARNING:`` line on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from client import DEFAULT_URL
 from client._common import JobOptions
 from client.errors import ClientError
 from client.models import JobStatus
+from core.models import ModelName
 from core.settings import Settings
 
 app = typer.Typer(
@@ -131,6 +135,17 @@ Tags = Annotated[
 ]
 Caption = Annotated[
     str | None, typer.Option(help="Grounding hint: a caption.", rich_help_panel=UPSCALING)
+]
+ModelOpt = Annotated[
+    ModelName | None,
+    typer.Option(
+        "--model",
+        "-m",
+        case_sensitive=False,
+        show_default=False,
+        help="Which model (default: the service's default; `spasemsr models` lists them).",
+        rich_help_panel=UPSCALING,
+    ),
 ]
 
 
@@ -243,6 +258,7 @@ def submit(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Exact result path (one input only).")
     ] = None,
+    model: ModelOpt = None,
     scale: Scale = None,
     steps: Steps = None,
     guidance_scale: Guidance = None,
@@ -303,7 +319,7 @@ def submit(
     with remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client:
         with make_reporter(_err, bars=bars) as reporter:
             try:
-                remote.submit_all(client, items, options, reporter)
+                remote.submit_all(client, items, options, reporter, model=_name(model))
                 if wait:
                     if download:
                         (output.parent if output else out_dir).mkdir(parents=True, exist_ok=True)
@@ -322,6 +338,10 @@ def _present(**values: object) -> dict[str, object]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def _name(model: ModelName | None) -> str | None:
+    return None if model is None else model.value
+
+
 @app.command(rich_help_panel="Use a running service")
 def status(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="Job id.")],
@@ -336,7 +356,7 @@ def status(
 ) -> None:
     """Show a job: status, queue position, progress, timings, sizes, error."""
     from cli import remote
-    from cli.display import describe
+    from cli.display import describe, job_warnings, print_warning
 
     with (
         remote.exit_on_client_error(_err),
@@ -354,6 +374,8 @@ def status(
         typer.echo(job.model_dump_json(indent=2))
     else:
         remote.print_rows(remote.job_lines(job))
+    for warning in job_warnings(job):
+        print_warning(_err, warning)
     if wait:
         raise typer.Exit(int(remote.STATUS_CODES.get(job.status, ExitCode.OK)))
 
@@ -396,8 +418,9 @@ def model(
     retries: Retries = 3,
     api_key: ApiKey = None,
 ) -> None:
-    """What the service serves: model name, configuration, weights, trained or not, device."""
+    """The default model: name, configuration, weights, trained or not, source, device."""
     from cli import remote
+    from cli.display import print_warning
 
     with (
         remote.exit_on_client_error(_err),
@@ -408,8 +431,52 @@ def model(
         typer.echo(described.model_dump_json(indent=2))
     else:
         remote.print_rows(remote.model_lines(described))
-    for warning in described.warnings:
-        _err.print(f"WARNING: {warning}", style="bold yellow", markup=False, highlight=False)
+    for warning in remote.model_warnings(described):
+        print_warning(_err, warning)
+
+
+@app.command(rich_help_panel="Use a running service")
+def models(
+    as_json: AsJson = False,
+    url: Url = DEFAULT_URL,
+    timeout: Timeout = 30.0,
+    retries: Retries = 3,
+    api_key: ApiKey = None,
+) -> None:
+    """Every model the service serves: trained or not, source, licence, scales, device."""
+    from rich import box
+    from rich.table import Table
+
+    from cli import remote
+    from cli.display import print_warning
+
+    with (
+        remote.exit_on_client_error(_err),
+        remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client,
+    ):
+        catalogue = client.models()
+    if as_json:
+        typer.echo(catalogue.model_dump_json(indent=2))
+    elif catalogue.models:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in remote.MODEL_COLUMNS:
+            table.add_column(column, no_wrap=column in {"name", "trained", "scales"})
+        for row in remote.model_rows(catalogue):
+            table.add_row(*row)
+        out = Console(soft_wrap=False, width=None if Console().is_terminal else 200)
+        out.print(table, markup=False, highlight=False)
+    for described in catalogue.models:
+        for warning in remote.model_warnings(described):
+            print_warning(_err, warning)
+    if catalogue.get(catalogue.default) is None:
+        _err.print(
+            f"note: no warm worker serves the default model {catalogue.default} yet "
+            "(its jobs wait for one)",
+            markup=False,
+            highlight=False,
+        )
+    if not catalogue.models:
+        raise _fail("no warm worker is serving a model yet", ExitCode.UNAVAILABLE)
 
 
 @app.command(rich_help_panel="Use a running service")
@@ -420,6 +487,7 @@ def bench(
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="Input image (default: a generated one)."),
     ] = None,
+    model: ModelOpt = None,
     scale: Scale = 2,
     steps: Steps = None,
     as_json: AsJson = False,
@@ -444,6 +512,7 @@ def bench(
                 options=options,
                 timeout=timeout,
                 api_key=api_key,
+                model=_name(model),
             )
         )
     except ClientError as error:
@@ -490,14 +559,16 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where to save the result.")] = Path(
         "var/demo-result.png"
     ),
+    model: ModelOpt = None,
     scale: Annotated[Literal[2, 4], typer.Option(help="Upscaling factor.")] = 4,
     steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps.")] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
     api_key: ApiKey = None,
 ) -> None:
-    """Submit a generated sample image to a running service, wait, save the result."""
+    """Submit a generated sample image to a running service, wait, save the result; say which
+    model ran and whether it is trained."""
     from cli import remote
-    from cli.display import describe
+    from cli.display import describe, job_warnings, model_text
 
     data = _sample_png()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -506,14 +577,29 @@ def demo(
         remote.exit_on_client_error(_err),
         remote.connect(url, timeout=30, retries=3, api_key=api_key) as client,
     ):
-        job = client.submit(data, filename="sample.png", scale=scale, steps=steps, seed=0)
-        typer.echo(f"job {job.id} queued")
+        job = client.submit(
+            data, model=_name(model), filename="sample.png", scale=scale, steps=steps, seed=0
+        )
+        typer.echo(f"job {job.id} queued for model {model_text(job)}")
+        warned = _warn_new(job_warnings(job), set())
         job = client.wait(
             job.id, timeout=timeout, on_progress=lambda j: typer.echo(f"{describe(j)}")
         )
         client.download(job.id, out)
     assert job.output is not None
+    typer.echo(f"model: {model_text(job)}")
     typer.echo(f"saved {out} ({job.output.width}x{job.output.height}); timings: {job.timings}")
+    _warn_new(job_warnings(job), warned)
+
+
+def _warn_new(warnings: list[str], already: set[str]) -> set[str]:
+    """Print the warnings not printed yet; every warning printed so far."""
+    from cli.display import print_warning
+
+    for warning in warnings:
+        if warning not in already:
+            print_warning(_err, warning)
+    return already | set(warnings)
 
 
 # --- without a service -------------------------------------------------------------------
@@ -530,9 +616,16 @@ def upscale(
     target: Annotated[
         Path, typer.Argument(metavar="OUT", help="Output image (.png, .jpg or .webp).")
     ],
-    upscaler: Annotated[
-        Literal["spasemsr", "lanczos"] | None,
-        typer.Option(help="Which upscaler (default: $SPASEMSR_MODEL__UPSCALER, else spasemsr)."),
+    model: Annotated[
+        ModelName | None,
+        typer.Option(
+            "--model",
+            "-m",
+            case_sensitive=False,
+            show_default=False,
+            help="Which model (default: $SPASEMSR_MODEL__DEFAULT; else spasemsr with "
+            "--model-path, else realesrgan-x4plus).",
+        ),
     ] = None,
     model_path: Annotated[
         Path | None,
@@ -558,9 +651,11 @@ def upscale(
     ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Upscale one image on this machine with the worker's pipeline; no service needed."""
+    """Upscale one image on this machine with any model, as a worker runs it; no service."""
+    from cli.display import print_warning
     from cli.local import LocalInputError, StageProgress, output_format_for, upscale_file
     from core.jobs import JobParameters
+    from core.models import default_model
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING)
     given = _job_options(
@@ -576,65 +671,103 @@ def upscale(
     except LocalInputError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from exc
     settings = Settings()
-    if upscaler is not None:
-        settings.model.upscaler = upscaler
     if model_path is not None:
         settings.model.path = model_path
     if device is not None:
         settings.model.device = device
+    name = model or default_model(settings)
     progress = StageProgress(_err, bars=_err.is_terminal if bars is None else bars)
     try:
-        size, result = upscale_file(settings, source, target, parameters, progress)
+        run = upscale_file(settings, name, source, target, parameters, progress)
     except LocalInputError as exc:
         raise _fail(str(exc), ExitCode.REJECTED) from exc
     except Exception as exc:  # a model that cannot load or run: say so, no traceback
         logging.getLogger(__name__).debug("upscaling failed", exc_info=True)
         raise _fail(f"upscaling failed: {type(exc).__name__}: {exc}", ExitCode.FAILED) from exc
-    timings = ", ".join(f"{k} {v:.3f} s" for k, v in result.timings.items())
-    typer.echo(f"saved {target} ({size[0]}x{size[1]}); {timings}")
+    card = run.card
+    timings = ", ".join(f"{k} {v:.3f} s" for k, v in run.result.timings.items())
+    trained = "trained" if card.trained else "UNTRAINED"
+    typer.echo(
+        f"saved {target} ({run.size[0]}x{run.size[1]}) with {card.name} {card.version} "
+        f"({trained}); {timings}"
+    )
+    if not card.trained:
+        print_warning(
+            _err,
+            f"The {card.name} weights are untrained ({card.weights}): the result shows the "
+            "pipeline working, not the model's quality.",
+        )
 
 
 @app.command(name="eval", rich_help_panel="Without a service")
 def eval_command(
     datasets: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
-            metavar="DATASET...",
+            metavar="[DATASET]...",
             exists=True,
             file_okay=False,
-            help="Folders laid out like RealSR, DRealSR, DIV2K-val (gt/ + lq/) or RealLR200.",
+            show_default=False,
+            help="Folders laid out like RealSR, DRealSR, DIV2K-val (gt/ + lq/) or RealLR200; "
+            "none: the photographs bundled with scikit-image, degraded here.",
         ),
-    ],
+    ] = None,
     out: Annotated[Path, typer.Option(help="Where the tables go.")] = Path("var/eval"),
     spasemsr: Annotated[
         bool, typer.Option(help="Evaluate SpaSemSR too (else only the baselines).")
     ] = True,
     steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps.")] = 20,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed (degradation and sampling).")] = 0,
     max_images: Annotated[int | None, typer.Option(min=1, help="Images per set.")] = None,
+    photos: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--photo", show_default=False, help="Bundled photo to use (repeat; default: six)."
+        ),
+    ] = None,
+    crop: Annotated[
+        int, typer.Option(min=32, max=1024, help="HR crop side of each bundled photo.")
+    ] = 256,
     clip_model: Annotated[Path | None, typer.Option(help="Local CLIP folder for CLIP-IQA.")] = None,
     lpips_backbone: Annotated[Path | None, typer.Option(help="LPIPS trunk weights.")] = None,
     lpips_linear: Annotated[Path | None, typer.Option(help="LPIPS linear weights.")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """PSNR/SSIM (Y) and learned metrics on test sets, with the paper's numbers and baselines."""
-    from cli.offline import evaluate_folders
+    """PSNR/SSIM (Y) of bicubic, Lanczos, Real-ESRGAN x4plus and SpaSemSR, with the paper's
+    numbers beside them: on test-set folders, or on bundled photographs with a figure."""
+    from cli.offline import evaluate_bundled_photos, evaluate_folders
 
     _logging(verbose)
-    report = evaluate_folders(
-        datasets,
-        out_dir=out,
-        settings=Settings(),
-        include_spasemsr=spasemsr,
-        steps=steps,
-        seed=seed,
-        max_images=max_images,
-        clip_model=clip_model,
-        lpips_backbone=lpips_backbone,
-        lpips_linear=lpips_linear,
-    )
+    settings = Settings()
+    if datasets:
+        report = evaluate_folders(
+            datasets,
+            out_dir=out,
+            settings=settings,
+            include_spasemsr=spasemsr,
+            steps=steps,
+            seed=seed,
+            max_images=max_images,
+            clip_model=clip_model,
+            lpips_backbone=lpips_backbone,
+            lpips_linear=lpips_linear,
+        )
+    else:
+        try:
+            report = evaluate_bundled_photos(
+                out_dir=out,
+                settings=settings,
+                include_spasemsr=spasemsr,
+                steps=steps,
+                seed=seed,
+                crop=crop,
+                photos=photos,
+            )
+        except (KeyError, ValueError) as exc:
+            raise _fail(str(exc), ExitCode.USAGE) from exc
     typer.echo(report.markdown)
-    typer.echo(f"written: {report.markdown_path}, {report.csv_path}")
+    written = [report.markdown_path, report.csv_path, report.figure_path]
+    typer.echo("written: " + ", ".join(str(path) for path in written if path is not None))
 
 
 @app.command(rich_help_panel="Without a service")

@@ -12,12 +12,12 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from cli.display import Reporter, Tracked, describe
+from cli.display import Reporter, Tracked, describe, job_warnings, model_text
 from cli.exit_codes import ExitCode, exit_code_for
 from client import RetryPolicy, SpaSemSRClient
 from client._common import JobOptions
 from client.errors import ClientError, ProblemError, ServiceUnreachable, WaitTimeout
-from client.models import Job, JobStatus, ModelDescription
+from client.models import Job, JobStatus, ModelDescription, ModelList
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 GLOB_CHARACTERS = frozenset("*?[")
@@ -101,12 +101,17 @@ def output_path_for(item: Tracked, job: Job, out_dir: Path, used: set[Path]) -> 
 
 
 def submit_all(
-    client: SpaSemSRClient, items: list[Tracked], options: JobOptions, reporter: Reporter
+    client: SpaSemSRClient,
+    items: list[Tracked],
+    options: JobOptions,
+    reporter: Reporter,
+    *,
+    model: str | None = None,
 ) -> None:
     """Upload every file; a refused file is recorded and the others still go."""
     for index, item in enumerate(items):
         try:
-            item.job = client.submit(item.source, **options)
+            item.job = client.submit(item.source, model=model, **options)
         except ServiceUnreachable as error:
             for rest in items[index:]:
                 _record_error(rest, error, reporter)
@@ -218,7 +223,8 @@ def print_results(items: list[Tracked], *, as_json: bool, waited: bool) -> None:
 
 
 def job_lines(job: Job) -> list[tuple[str, str]]:
-    rows = [("job", job.id), ("status", describe(job)), ("priority", job.priority)]
+    rows = [("job", job.id), ("status", describe(job)), ("model", model_text(job))]
+    rows.append(("priority", job.priority))
     rows.append(("created", job.created_at.isoformat()))
     if job.started_at:
         rows.append(("started", job.started_at.isoformat()))
@@ -234,18 +240,60 @@ def job_lines(job: Job) -> list[tuple[str, str]]:
         rows.append(("timings", ", ".join(f"{k} {v:.3f} s" for k, v in job.timings.items())))
     if job.error:
         rows.append(("error", f"{job.error.title}: {job.error.detail}"))
+    rows += [("warning", warning) for warning in job_warnings(job)]
     return rows
 
 
 def model_lines(model: ModelDescription) -> list[tuple[str, str]]:
-    return [
+    rows = [
         ("model", f"{model.name} {model.version} ({model.configuration})"),
         ("weights", model.weights),
         ("trained", "yes" if model.trained else "no (untrained weights)"),
+        ("source", model.source or "-"),
+        ("licence", model.licence or "-"),
+        ("scales", scales_text(model)),
         ("device", f"{model.device} ({model.dtype})"),
         ("workers", str(model.workers)),
-        ("description", model.description),
+        ("default", "yes" if model.default else "no"),
     ]
+    if model.description:
+        rows.append(("description", model.description))
+    return rows
+
+
+MODEL_COLUMNS = ("name", "trained", "source", "licence", "scales", "device", "workers", "default")
+
+
+def model_rows(catalogue: ModelList) -> list[tuple[str, ...]]:
+    """One row per served model, in ``MODEL_COLUMNS`` order."""
+    return [
+        (
+            model.name,
+            "yes" if model.trained else "NO (untrained)",
+            model.source or "-",
+            model.licence or "-",
+            scales_text(model),
+            ", ".join(model.devices or [model.device]),
+            str(model.workers),
+            "yes" if model.default or model.name == catalogue.default else "",
+        )
+        for model in catalogue.models
+    ]
+
+
+def model_warnings(model: ModelDescription) -> list[str]:
+    if model.warnings:
+        return list(model.warnings)
+    if not model.trained:
+        return [
+            f"The {model.name} weights are untrained: results show the pipeline working, "
+            "not the model's quality."
+        ]
+    return []
+
+
+def scales_text(model: ModelDescription) -> str:
+    return ", ".join(f"x{scale}" for scale in model.scales)
 
 
 def print_rows(rows: list[tuple[str, str]]) -> None:

@@ -1,6 +1,6 @@
 """Python client of SpaSemSR Serve (httpx only): ``SpaSemSRClient`` and ``AsyncSpaSemSRClient``.
 
-Typed results (``Job``, ``ModelDescription``), typed errors mapped from the service's
+Typed results (``Job``, ``ModelList``, ``ModelDescription``), typed errors mapped from the service's
 problem+json answers (``client.errors``), retries of 429/503 honouring ``Retry-After``.
 """
 
@@ -12,17 +12,28 @@ from client.errors import (
     JobFailed,
     JobNotFound,
     JobUnsuccessful,
+    ModelNotServed,
     Overloaded,
     ProblemError,
     ServiceUnavailable,
     ServiceUnreachable,
     WaitTimeout,
 )
-from client.models import Health, Job, JobStatus, ModelDescription, Problem, Progress
+from client.models import (
+    MODEL_NAMES,
+    Health,
+    Job,
+    JobStatus,
+    ModelDescription,
+    ModelList,
+    Problem,
+    Progress,
+)
 from client.sync import SpaSemSRClient
 
 __all__ = [
     "DEFAULT_URL",
+    "MODEL_NAMES",
     "AsyncSpaSemSRClient",
     "ClientError",
     "Health",
@@ -35,6 +46,8 @@ __all__ = [
     "JobStatus",
     "JobUnsuccessful",
     "ModelDescription",
+    "ModelList",
+    "ModelNotServed",
     "Overloaded",
     "Problem",
     "ProblemError",

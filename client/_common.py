@@ -88,11 +88,16 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def form_fields(options: JobOptions) -> dict[str, str]:
-    fields = {key: str(value) for key, value in options.items() if key != "tags"}
+def form_fields(options: JobOptions, *, model: str | None = None) -> dict[str, str]:
+    """The form fields of ``POST /v1/jobs``; ``model=None`` leaves the choice to the service."""
+    fields = {
+        key: str(value) for key, value in options.items() if key != "tags" and value is not None
+    }
     tags = options.get("tags")
     if tags is not None:
         fields["tags"] = tags if isinstance(tags, str) else ",".join(tags)
+    if model is not None:
+        fields["model"] = str(model)
     return fields
 
 

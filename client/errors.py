@@ -17,7 +17,8 @@ ClientError
     │   └── TooManyPixels
     ├── UnsupportedImage        415
     ├── InvalidParameters       422
-    │   └── CorruptImage
+    │   ├── CorruptImage
+    │   └── ModelNotServed      (``served``: the models the service does serve)
     ├── Overloaded              429 (``retry_after``)
     ├── ServiceUnavailable      503 (``retry_after`` when given)
     └── ServerError             other 5xx
@@ -135,6 +136,18 @@ class CorruptImage(InvalidParameters):
     pass
 
 
+class ModelNotServed(InvalidParameters):
+    """The job asked for a model that no worker of this service serves."""
+
+    @property
+    def served(self) -> list[str]:
+        """The models the service serves (its ``served`` problem member), sorted."""
+        found = (self.problem.model_extra or {}).get("served")
+        if not isinstance(found, list):
+            return []
+        return sorted(str(name) for name in found)
+
+
 class Overloaded(ProblemError):
     pass
 
@@ -155,6 +168,7 @@ class ServerError(ProblemError):
 _BY_TYPE: dict[str, type[ProblemError]] = {
     "too-many-pixels": TooManyPixels,
     "corrupt-image": CorruptImage,
+    "model-not-served": ModelNotServed,
     "job-not-finished": JobNotFinished,
     "job-already-finished": JobAlreadyFinished,
     "rate-limited": RateLimited,

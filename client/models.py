@@ -1,8 +1,9 @@
 """Typed results of the v1 HTTP contract, as the client sees them.
 
-These mirror ``app.schemas.JobPublic`` and ``ModelPublic`` without importing the service, so
-that another service can use the client with nothing but ``httpx`` and ``pydantic``. Unknown
-fields are kept (``extra="allow"``): a newer server never breaks an older client.
+These mirror ``app.schemas.JobPublic``, ``ModelPublic`` and ``ModelList`` without importing the
+service, so that another service can use the client with nothing but ``httpx`` and ``pydantic``.
+Unknown fields are kept (``extra="allow"``) and model names are plain strings (``MODEL_NAMES``
+lists the ones this client knows): a newer server never breaks an older client.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ Priority = Literal["high", "default", "low"]
 ImageFormat = Literal["png", "jpeg", "webp"]
 ColorFix = Literal["none", "adain", "wavelet"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+
+MODEL_NAMES: tuple[str, ...] = (
+    "spasemsr",
+    "realesrgan-x4plus",
+    "realesrgan-x4plus-anime",
+    "realesr-animevideov3",
+    "lanczos",
+)
+"""The models this version of the client knows of; a service may serve fewer (``models()``
+says which) and a newer one more, so a job's ``model`` is any string."""
 
 
 class Progress(_Model):
@@ -70,6 +81,12 @@ class Job(_Model):
 
     id: str
     status: JobStatus
+    model: str | None = None
+    """The model that runs this job (the service's default when the request named none)."""
+    model_trained: bool | None = None
+    """Whether that model's weights are trained; ``None`` while no worker of it was seen."""
+    warnings: list[str] = Field(default_factory=list)
+    """Things to know about the result, e.g. that the model's weights are untrained."""
     priority: str
     queue_position: int | None = None
     progress: Progress = Progress()
@@ -88,20 +105,50 @@ class Job(_Model):
     def is_terminal(self) -> bool:
         return self.status.is_terminal
 
+    @property
+    def untrained(self) -> bool:
+        """True when the service says the job's model has untrained weights."""
+        return self.model_trained is False
+
 
 class ModelDescription(_Model):
-    """What the warm workers serve, as ``GET /v1/model`` reports it."""
+    """One model the warm workers serve, as ``GET /v1/models`` lists it (``GET /v1/model``:
+    the default one)."""
 
     name: str
     version: str
     configuration: str
     weights: str
+    """Where the weights came from, in words."""
     trained: bool
     device: str
     dtype: str
     description: str = ""
+    source: str = ""
+    licence: str = ""
+    scales: list[int] = Field(default_factory=lambda: [2, 4])
     workers: int = 0
+    """Warm workers serving this model."""
+    default: bool = False
+    """Requests that name no model get this one."""
+    devices: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+
+
+class ModelList(_Model):
+    """``GET /v1/models``: every model a warm worker serves, and the service's default."""
+
+    default: str
+    """The model of requests that name none (it may have no warm worker yet)."""
+    models: list[ModelDescription] = Field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [model.name for model in self.models]
+
+    def get(self, name: str) -> ModelDescription | None:
+        """The served model called ``name``; ``None`` when no warm worker serves it."""
+        return next((model for model in self.models if model.name == name), None)
 
 
 class Health(_Model):

@@ -28,7 +28,7 @@ from client._common import (
     submit_headers,
 )
 from client.errors import ServiceUnreachable, WaitTimeout, error_from_response
-from client.models import Health, Job, ModelDescription
+from client.models import Health, Job, ModelDescription, ModelList
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,17 @@ class SpaSemSRClient:
         self,
         image: ImageSource,
         *,
+        model: str | None = None,
         filename: str | None = None,
         idempotency_key: str | None = None,
         **options: Unpack[JobOptions],
     ) -> Job:
         """Upload an image and queue a job; the job as accepted (``queued``).
+
+        ``model`` names one of the models the service serves (see ``models()``); ``None``
+        takes the service's default. A model it does not serve raises ``ModelNotServed``,
+        whose ``served`` lists the ones it does. The job's ``model``, ``model_trained`` and
+        ``warnings`` say what runs it (e.g. untrained weights).
 
         With an ``idempotency_key``, sending the same request again returns the same job.
         """
@@ -98,7 +104,7 @@ class SpaSemSRClient:
             "POST",
             "/v1/jobs",
             files={"image": image_part(image, filename)},
-            data=form_fields(options),
+            data=form_fields(options, model=model),
             headers=submit_headers(idempotency_key),
         )
         return decode_job(response)
@@ -168,16 +174,23 @@ class SpaSemSRClient:
         *,
         timeout: float | None = None,
         on_progress: ProgressHandler | None = None,
+        model: str | None = None,
         filename: str | None = None,
         **options: Unpack[JobOptions],
     ) -> Job:
         """Submit, wait and download in one call; the finished job."""
-        job = self.submit(image, filename=filename, **options)
+        job = self.submit(image, model=model, filename=filename, **options)
         job = self.wait(job.id, timeout=timeout, on_progress=on_progress)
         self.download(job.id, out)
         return job
 
+    def models(self) -> ModelList:
+        """Every model the warm workers serve (name, trained or not, source, licence, scales,
+        devices, workers) and the service's default."""
+        return ModelList.model_validate(self._request("GET", "/v1/models").json())
+
     def model(self) -> ModelDescription:
+        """The default model (``ServiceUnavailable`` while no warm worker serves a model)."""
         response = self._request("GET", "/v1/model")
         return ModelDescription.model_validate(response.json())
 

@@ -12,6 +12,8 @@ const $ = (id) => document.getElementById(id);
 const state = {
   viewing: null, // the job shown in the comparison viewer
   zoom: 1,
+  models: new Map(), // name -> what GET /v1/models says of each served model
+  defaultModel: null, // the service's default model (it may have no warm worker yet)
 };
 
 // --- HTTP ---------------------------------------------------------------------------------
@@ -70,33 +72,96 @@ function showProblem(element, problem) {
   element.hidden = false;
 }
 
-// --- the model ------------------------------------------------------------------------------
+// --- the models -----------------------------------------------------------------------------
 
-async function loadModel() {
+function trainedLabel(trained) {
+  if (trained === true) return "trained";
+  if (trained === false) return "untrained";
+  return "trained: unknown";
+}
+
+// The picker: one option per served model, labelled trained/untrained, the default preselected.
+// A default that no warm worker serves yet is still offered (its jobs wait for a worker).
+function fillModelPicker(list) {
+  const picker = $("model");
+  const previous = picker.dataset.filled ? picker.value : null;
+  const options = [];
+  const served = new Set(list.models.map((m) => m.name));
+  if (list.default && !served.has(list.default)) {
+    const option = new Option(`${list.default} (default) — no warm worker yet`, list.default);
+    option.dataset.trained = "unknown";
+    options.push(option);
+  }
+  for (const model of list.models) {
+    const isDefault = model.default || model.name === list.default;
+    const option = new Option(
+      `${model.name} — ${trainedLabel(model.trained)}${isDefault ? " (default)" : ""}`,
+      model.name,
+    );
+    option.dataset.trained = String(model.trained);
+    options.push(option);
+  }
+  picker.replaceChildren(...options);
+  const names = options.map((o) => o.value);
+  picker.value = previous !== null && names.includes(previous) ? previous : (list.default || "");
+  picker.dataset.filled = "true";
+}
+
+function showSelectedModel() {
+  const name = $("model").value || state.defaultModel;
+  const model = state.models.get(name);
+  const warning = $("model-warning");
+  if (!model) {
+    $("model-name").textContent = name || "unavailable";
+    $("model-details").textContent = "(no warm worker serves it yet; its jobs wait for one)";
+    warning.hidden = true;
+    return;
+  }
+  $("model-name").textContent = `${model.name} ${model.version}`;
+  const devices = (model.devices && model.devices.length) ? model.devices.join(", ") : model.device;
+  const origin = [model.source, model.licence].filter(Boolean).join(", ");
+  $("model-details").textContent =
+    `(${trainedLabel(model.trained)}; ${model.configuration}; weights ${model.weights}; ` +
+    `${devices}, ${model.dtype}; ${model.workers} worker${model.workers === 1 ? "" : "s"}` +
+    `${origin ? "; " + origin : ""})`;
+  if (!model.trained) {
+    const text = (model.warnings && model.warnings.length)
+      ? model.warnings.join(" ")
+      : `The ${model.name} weights are untrained: results show the pipeline working, not its quality.`;
+    warning.replaceChildren();
+    const title = document.createElement("strong");
+    title.textContent = "Untrained weights. ";
+    warning.append(title, document.createTextNode(text));
+    warning.hidden = false;
+  } else {
+    warning.hidden = true;
+  }
+}
+
+async function loadModels() {
+  let list;
   try {
-    const model = await (await api("/v1/model")).json();
-    $("model-name").textContent = `${model.name} ${model.version}`;
-    $("model-details").textContent =
-      `(${model.configuration}; weights ${model.weights}; ${model.device}, ${model.dtype}; ` +
-      `${model.workers} worker${model.workers === 1 ? "" : "s"})`;
-    const warning = $("model-warning");
-    if (!model.trained) {
-      const text = (model.warnings && model.warnings.length)
-        ? model.warnings.join(" ")
-        : "The model's weights are untrained: results show the pipeline working, not its quality.";
-      warning.replaceChildren();
-      const title = document.createElement("strong");
-      title.textContent = "Untrained weights. ";
-      warning.append(title, document.createTextNode(text));
-      warning.hidden = false;
-    } else {
-      warning.hidden = true;
-    }
+    list = await (await api("/v1/models")).json();
   } catch (error) {
     const problem = error.problem || { title: String(error) };
     $("model-name").textContent = "unavailable";
     $("model-details").textContent = `(${problem.title}${problem.detail ? ": " + problem.detail : ""})`;
-    setTimeout(loadModel, MODEL_RETRY_MS);
+    $("model-warning").hidden = true;
+    setTimeout(loadModels, MODEL_RETRY_MS);
+    return;
+  }
+  state.defaultModel = list.default;
+  state.models = new Map(list.models.map((m) => [m.name, m]));
+  fillModelPicker(list);
+  if (!list.models.length) {
+    $("model-name").textContent = "unavailable";
+    $("model-details").textContent = "(No warm worker is serving a model yet.)";
+    $("model-warning").hidden = true;
+  } else {
+    showSelectedModel();
+  }
+  if (!list.models.length || !state.models.has(list.default)) {
+    setTimeout(loadModels, MODEL_RETRY_MS); // until the default model's worker is warm
   }
 }
 
@@ -137,8 +202,8 @@ function setupDropzone() {
 
 function formParameters() {
   const data = {};
-  for (const name of ["scale", "steps", "guidance_scale", "seed", "color_fix", "scheduler",
-                      "tile_size", "output_format", "priority", "tags", "caption"]) {
+  for (const name of ["model", "scale", "steps", "guidance_scale", "seed", "color_fix",
+                      "scheduler", "tile_size", "output_format", "priority", "tags", "caption"]) {
     const value = $(name).value.trim();
     if (value !== "") {
       data[name] = value;
@@ -171,11 +236,34 @@ function newJobItem(file) {
   return item;
 }
 
+function describeModel(job) {
+  return job.model ? `Model: ${job.model} (${trainedLabel(job.model_trained)})` : "";
+}
+
+// Warnings as list items, rewritten only when they change.
+function showWarnings(list, warnings) {
+  const texts = warnings || [];
+  const current = Array.from(list.children, (li) => li.textContent);
+  if (current.length === texts.length && current.every((t, i) => t === texts[i])) return;
+  list.replaceChildren(...texts.map((text) => {
+    const li = document.createElement("li");
+    li.textContent = text;
+    return li;
+  }));
+  list.hidden = texts.length === 0;
+}
+
 function renderJob(entry) {
   const { item, job } = entry;
   item.dataset.status = job.status;
   item.dataset.jobId = job.id;
+  item.dataset.model = job.model || "";
+  item.dataset.trained = String(job.model_trained);
   item.querySelector(".job-status").textContent = describeJob(job);
+  const model = item.querySelector(".job-model");
+  const modelText = describeModel(job);
+  if (model.textContent !== modelText) model.textContent = modelText;
+  showWarnings(item.querySelector(".job-warnings"), job.warnings);
   const bar = item.querySelector(".job-progress");
   const p = job.progress || {};
   if (job.status === "succeeded") {
@@ -292,21 +380,55 @@ async function fetchResult(entry) {
 
 // --- the comparison viewer -------------------------------------------------------------------
 
-function showComparison(entry) {
+// The "before" image: the input enlarged to the result's size by a bicubic resampling
+// (canvas smoothing at "high" quality), so that the comparison is with a fair classical
+// enlargement rather than with blocky nearest-neighbour pixels.
+async function bicubicUrl(file, width, height) {
+  const bitmap = await createImageBitmap(file);
+  try {
+    const canvas = document.createElement("canvas");
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    context.imageSmoothingEnabled = true;
+    context.imageSmoothingQuality = "high";
+    context.drawImage(bitmap, 0, 0, width, height);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+    if (!blob) throw new Error("the canvas gave no image");
+    return URL.createObjectURL(blob);
+  } finally {
+    bitmap.close();
+  }
+}
+
+async function showComparison(entry) {
   state.viewing = entry;
   const before = $("before-image");
   const after = $("after-image");
-  if (!entry.beforeUrl) {
-    entry.beforeUrl = URL.createObjectURL(entry.file);
-  }
-  before.src = entry.beforeUrl;
-  after.src = entry.resultUrl;
-  $("viewer-name").textContent = entry.file.name;
   const input = entry.job.input;
   const output = entry.job.output;
+  if (!entry.beforeUrl) {
+    try {
+      entry.beforeUrl = await bicubicUrl(entry.file, output.width, output.height);
+      entry.beforeMethod = "bicubic";
+    } catch (_) {
+      // Fallback: the browser's own smooth scaling of the original (never pixelated).
+      entry.beforeUrl = URL.createObjectURL(entry.file);
+      entry.beforeMethod = "smooth";
+    }
+  }
+  if (state.viewing !== entry) return; // another job was chosen meanwhile
+  before.src = entry.beforeUrl;
+  before.dataset.method = entry.beforeMethod;
+  after.src = entry.resultUrl;
+  $("viewer-name").textContent = entry.file.name;
+  $("tag-after").textContent = entry.job.model ? `After (${entry.job.model})` : "After";
   $("viewer-caption").textContent =
     `${input.width}×${input.height} → ${output.width}×${output.height} ` +
-    `(×${entry.job.parameters.scale}, ${output.format})`;
+    `(×${entry.job.parameters.scale}, ${output.format}; ` +
+    `${describeModel(entry.job) || "model unknown"}; before: ` +
+    `${entry.beforeMethod === "bicubic" ? "bicubic" : "smooth browser"} upscale of the input)`;
+  showWarnings($("viewer-warnings"), entry.job.warnings);
   const download = $("viewer-download");
   download.href = entry.resultUrl;
   download.download = resultName(entry);
@@ -396,5 +518,6 @@ document.addEventListener("DOMContentLoaded", () => {
     event.preventDefault();
     submitFiles();
   });
-  loadModel();
+  $("model").addEventListener("change", showSelectedModel);
+  loadModels();
 });

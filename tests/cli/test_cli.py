@@ -177,6 +177,7 @@ def test_model_and_unreachable_or_unavailable_services(
     shown = spasemsr("model", "--url", service.url)
     assert shown.returncode == 0
     assert "lanczos 1 (classical)" in shown.stdout
+    assert "WARNING" not in shown.stderr
     assert json.loads(spasemsr("model", "--url", service.url, "--json").stdout)["trained"] is True
     unavailable = spasemsr("model", "--url", idle_service.url, "--retries", "0")
     assert unavailable.returncode == 3
@@ -208,22 +209,26 @@ def test_bench_reports_latency_and_throughput(service: ServiceProcesses) -> None
 def test_upscale_locally_with_lanczos(tmp_path: Path) -> None:
     (tmp_path / "in.png").write_bytes(png_bytes(20, 12))
     result = spasemsr(
-        "upscale", "in.png", "out.jpg", "--upscaler", "lanczos", "--scale", "4", "--lines",
+        "upscale", "in.png", "out.jpg", "--model", "lanczos", "--scale", "4", "--lines",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "saved out.jpg (80x48)" in result.stdout
+    assert "saved out.jpg (80x48) with lanczos 1 (trained)" in result.stdout
+    assert "WARNING" not in result.stderr
     assert "upscale 1/1" in result.stderr  # progress
     with Image.open(tmp_path / "out.jpg") as image:
         assert (image.format, image.size) == ("JPEG", (80, 48))
-    gif = spasemsr("upscale", "in.png", "out.gif", "--upscaler", "lanczos", cwd=tmp_path)
+    gif = spasemsr("upscale", "in.png", "out.gif", "--model", "lanczos", cwd=tmp_path)
     assert gif.returncode == 2
     assert "use .png, .jpg or .webp" in gif.stderr
     (tmp_path / "text.png").write_text("no pixels here")
-    broken = spasemsr("upscale", "text.png", "out.png", "--upscaler", "lanczos", cwd=tmp_path)
+    broken = spasemsr("upscale", "text.png", "out.png", "--model", "lanczos", cwd=tmp_path)
     assert broken.returncode == 4
     assert "cannot read text.png" in broken.stderr
     assert spasemsr("upscale", "nope.png", "out.png", cwd=tmp_path).returncode == 2
+    unknown = spasemsr("upscale", "in.png", "out.png", "--model", "bilinear", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "realesrgan-x4plus" in unknown.stderr  # the choices are the service's model names
 
 
 @pytest.mark.slow
@@ -235,13 +240,15 @@ def test_upscale_locally_with_the_tiny_spasemsr_pipeline(tmp_path: Path) -> None
     (tmp_path / "in.png").write_bytes(png_bytes(16, 16))
     result = subprocess.run(
         [sys.executable, "-m", "cli.main", "upscale", "in.png", "out.png",
-         "--upscaler", "spasemsr", "--steps", "2", "--scale", "2", "--device", "cpu", "--lines"],
+         "--model", "spasemsr", "--steps", "2", "--scale", "2", "--device", "cpu", "--lines"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "SPASEMSR_VAR_DIR": "var"},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "denoise 2/2" in result.stderr
     assert _image_size(tmp_path / "out.png") == (32, 32)
+    assert "with spasemsr" in result.stdout and "(UNTRAINED)" in result.stdout
+    assert "WARNING: The spasemsr weights are untrained" in result.stderr
 
 
 def test_submit_to_an_exact_output_path(service: ServiceProcesses, tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def live_service(*, workers: int = 1, **env: str) -> Iterator[ServiceProcesses]:
             redis.url,
             directory,
             workers=workers,
-            SPASEMSR_MODEL__UPSCALER="lanczos",
+            SPASEMSR_WORKER__MODELS='["lanczos"]',
+            SPASEMSR_MODEL__DEFAULT="lanczos",
             **env,
         )
         try:

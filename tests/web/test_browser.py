@@ -5,16 +5,18 @@ Screenshots go to ``var/test-artifacts/web/``.
 
 from __future__ import annotations
 
+import base64
 import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageChops, ImageStat
 from playwright.sync_api import expect
 from redis import Redis
 
+from core.models import ModelName
 from core.workers import ModelInfo, WorkerInfo, WorkerRegistry, WorkerState
 from tests.conftest import ServiceProcesses, png_bytes
 
@@ -32,9 +34,35 @@ new MutationObserver(() => {
 """
 
 
+# The "before" image as the page shows it, read back through a canvas as a PNG data URL.
+READ_BEFORE = """
+img => {
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  canvas.getContext('2d').drawImage(img, 0, 0);
+  return canvas.toDataURL('image/png');
+}
+"""
+
+
 def _only_this_origin(urls: list[str], origin: str) -> None:
     foreign = [u for u in urls if not u.startswith((origin + "/", "blob:", "data:"))]
     assert foreign == [], foreign
+
+
+def _picker(page: Any) -> list[tuple[str, str]]:
+    """(value, label) of every option of the model picker."""
+    return [
+        (option["value"], option["label"])
+        for option in page.eval_on_selector_all(
+            "#model option", "os => os.map(o => ({value: o.value, label: o.textContent}))"
+        )
+    ]
+
+
+def _mean_difference(a: Image.Image, b: Image.Image) -> float:
+    return sum(ImageStat.Stat(ImageChops.difference(a, b)).mean) / 3
 
 
 def test_upload_watch_progress_compare_and_download(
@@ -44,6 +72,11 @@ def test_upload_watch_progress_compare_and_download(
     page.goto(web_service.url + "/")
     expect(page.locator("#model-name")).to_have_text("lanczos 1")
     assert page.locator("#model-warning").is_hidden()  # Lanczos has nothing to train
+    # The picker lists what GET /v1/models says, labelled trained/untrained, default chosen.
+    assert _picker(page) == [("lanczos", "lanczos — trained (default)")]
+    assert page.eval_on_selector("#model", "s => s.value") == "lanczos"
+    assert page.locator("label[for='model']").inner_text() == "Model"
+    assert "trained" in page.inner_text("#model-details")
     page.screenshot(path=str(artifacts / "01-form.png"), full_page=True)
 
     page.set_input_files(
@@ -68,6 +101,12 @@ def test_upload_watch_progress_compare_and_download(
         assert any(s.startswith("queued") for s in statuses), statuses
         assert statuses[-1] == "succeeded"
     assert page.locator(".job-progress").first.evaluate("bar => bar.value") == 1
+    # Each job names its model and whether it is trained; Lanczos brings no warnings.
+    assert page.locator(".job .job-model").all_inner_texts() == ["Model: lanczos (trained)"] * 2
+    assert page.locator(".job .job-warnings").first.is_hidden()
+    assert "lanczos (trained)" in page.inner_text("#viewer-caption")
+    assert page.inner_text("#tag-after") == "After (lanczos)"
+    assert "bicubic" in page.inner_text("#viewer-note").lower()
 
     # The slider shows the result at full resolution: one image pixel per CSS pixel at 100%.
     name = page.inner_text("#viewer-name")
@@ -76,6 +115,22 @@ def test_upload_watch_progress_compare_and_download(
     assert natural == [source[0] * 2, source[1] * 2]
     box = page.locator("#compare").bounding_box()
     assert (round(box["width"]), round(box["height"])) == (source[0] * 2, source[1] * 2)
+
+    # "Before" is the input enlarged to the result's size by a bicubic resampling: far closer
+    # to PIL's bicubic enlargement than to nearest-neighbour blocks, and never pixelated.
+    expect(page.locator("#before-image")).to_have_js_property("complete", True)
+    assert page.get_attribute("#before-image", "data-method") == "bicubic"
+    assert page.eval_on_selector("#before-image", "i => i.src").startswith("blob:")
+    shown = page.eval_on_selector("#before-image", READ_BEFORE)
+    before = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB")
+    assert before.size == (source[0] * 2, source[1] * 2)
+    original = Image.open(io.BytesIO(png_bytes(*source))).convert("RGB")
+    bicubic = original.resize(before.size, Image.Resampling.BICUBIC)
+    nearest = original.resize(before.size, Image.Resampling.NEAREST)
+    to_bicubic, to_nearest = _mean_difference(before, bicubic), _mean_difference(before, nearest)
+    assert to_bicubic < to_nearest / 2, (to_bicubic, to_nearest)
+    rendering = page.eval_on_selector("#before-image", "i => getComputedStyle(i).imageRendering")
+    assert rendering == "auto"
 
     # Keyboard: the divider moves with the arrow keys, zoom with '+'.
     page.focus("#compare-position")
@@ -146,26 +201,30 @@ def test_rejected_uploads_show_the_problem_titles(
     _only_this_origin(requested, web_service.url)
 
 
-def test_untrained_weights_are_announced(
+def test_untrained_models_are_labelled_and_their_jobs_warned(
     page: Any, workerless_service: ServiceProcesses, artifacts: Path
 ) -> None:
-    # The only warm worker announces untrained SpaSemSR weights (as the tiny demo pipeline
-    # does); no worker process is needed to render the page header.
+    # A warm worker announces untrained SpaSemSR weights (as the tiny demo pipeline does); no
+    # worker process is needed to render the page or to accept (then cancel) a job for it.
+    # The service's default (lanczos) has no warm worker: the picker still offers it.
     connection = Redis.from_url(workerless_service.env["SPASEMSR_REDIS__URL"])
     registry = WorkerRegistry(connection, prefix="spasemsr")
     registry.announce(
         WorkerInfo(
             name="gpu-0",
             state=WorkerState.IDLE,
-            model=ModelInfo(
-                name="spasemsr",
-                version="0.1",
-                configuration="tiny",
-                weights="seeded random",
-                trained=False,
-                device="cuda:0",
-                dtype="float16",
-            ),
+            serving=(ModelName.SPASEMSR,),
+            models=[
+                ModelInfo(
+                    name=ModelName.SPASEMSR,
+                    version="0.1",
+                    configuration="tiny",
+                    weights="seeded random",
+                    trained=False,
+                    device="cuda:0",
+                    dtype="float16",
+                )
+            ],
             pid=1,
             hostname="test",
             started_at=datetime(2026, 1, 1, tzinfo=UTC),
@@ -174,13 +233,37 @@ def test_untrained_weights_are_announced(
     )
     try:
         page.goto(workerless_service.url + "/")
+        expect(page.locator("#model option")).to_have_count(2)
+        assert _picker(page) == [
+            ("lanczos", "lanczos (default) — no warm worker yet"),
+            ("spasemsr", "spasemsr — untrained"),
+        ]
+        assert page.eval_on_selector("#model", "s => s.value") == "lanczos"
+        assert page.locator("#model-warning").is_hidden()  # lanczos is chosen
+        page.select_option("#model", "spasemsr")
         warning = page.locator("#model-warning")
         warning.wait_for(state="visible")
         assert warning.get_attribute("role") == "alert"
         assert "untrained" in warning.inner_text().lower()
         assert page.inner_text("#model-name") == "spasemsr 0.1"
         assert "cuda:0" in page.inner_text("#model-details")
+        assert "untrained" in page.inner_text("#model-details")
+
+        # A job for the untrained model shows the model and the service's warning.
+        page.set_input_files(
+            "#files", {"name": "u.png", "mimeType": "image/png", "buffer": png_bytes()}
+        )
+        page.click("#submit")
+        job = page.locator(".job", has_text="u.png")
+        expect(job.locator(".job-status")).to_have_text("queued (next)")
+        assert job.get_attribute("data-model") == "spasemsr"
+        assert job.locator(".job-model").inner_text() == "Model: spasemsr (untrained)"
+        warnings = job.locator(".job-warnings")
+        assert warnings.is_visible()
+        assert "spasemsr weights are untrained" in warnings.inner_text()
         page.screenshot(path=str(artifacts / "05-untrained-warning.png"), full_page=True)
+        job.locator(".job-cancel").click()
+        expect(job.locator(".job-status")).to_have_text("canceled")
     finally:
         registry.remove("gpu-0")
         connection.close()

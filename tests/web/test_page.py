@@ -119,3 +119,18 @@ def test_form_controls_match_the_api_bounds() -> None:
     unlabelled = {c for c in controls if c not in labelled and c != "files"}
     assert unlabelled == set()
     assert "files" in labelled
+
+
+def test_model_picker_and_bicubic_before_are_on_the_page() -> None:
+    controls = _controls()
+    assert controls["model"]["tag"] == "select"  # filled from GET /v1/models by app.js
+    assert "model" in _labels()
+    script = (STATIC_DIR / "app.js").read_text()
+    assert '"/v1/models"' in script
+    assert 'imageSmoothingQuality = "high"' in script
+    html = (STATIC_DIR / "index.html").read_text()
+    assert "Before (bicubic)" in html and "bicubic</strong> interpolation" in html
+    css = (STATIC_DIR / "style.css").read_text()
+    # Only past 100% zoom are pixels shown as blocks; the "before" itself is never pixelated.
+    assert not re.search(r"\.before\s*\{[^}]*pixelated", css)
+    assert re.search(r"\.compare\.pixelated img\s*\{[^}]*pixelated", css)
