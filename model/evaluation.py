@@ -346,6 +346,8 @@ class SummaryRow:
     images: int
     metrics: Mapping[str, float | None]
     seconds_per_image: float | None = None
+    note: str = ""
+    """Shown beside the source, e.g. that a paper row was measured on other data."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -358,6 +360,8 @@ class EvaluationReport:
     csv_path: Path
     per_image_csv_path: Path
     settings: Mapping[str, object] = field(default_factory=dict)
+    figure_path: Path | None = None
+    """A side-by-side comparison figure, where the evaluation draws one."""
 
     def row(self, dataset: str, method: str, source: str = "ours") -> SummaryRow:
         for row in self.rows:
@@ -378,26 +382,35 @@ def render_markdown(
     rows: Sequence[SummaryRow],
     metric_status: Sequence[MetricStatus],
     settings: Mapping[str, object],
+    *,
+    protocol: Sequence[str] | None = None,
 ) -> str:
-    """The results table in Markdown: one block per data set, ours first, the paper's after."""
+    """The results table in Markdown: one block per data set, ours first, the paper's after.
+
+    ``protocol`` replaces the notes under the table that describe the folder protocol (an empty
+    sequence writes none); a row's ``note`` is shown beside its source.
+    """
     columns = [m for m in ALL_METRICS if any(r.metrics.get(m) is not None for r in rows)]
     columns = columns or ["psnr", "ssim"]
     header = ["Data set", "Method", "Source", "Images", *[METRIC_LABELS[m] for m in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         label = row.dataset if row.source == "ours" else f"{row.benchmark} (paper)"
-        cells = [label, row.method, row.source, str(row.images) if row.images else "–"]
+        source = f"{row.source}, {row.note}" if row.note else row.source
+        cells = [label, row.method, source, str(row.images) if row.images else "–"]
         cells += [_format(m, row.metrics.get(m)) for m in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [
-        "",
-        f"Protocol: LR centre crop {settings.get('lr_crop')} px, x{settings.get('scale')}, "
-        f"PSNR/SSIM on Y (BT.601) with a {settings.get('scale')}-pixel border cropped; "
-        "SSIM with an 11x11 Gaussian window, sigma 1.5.",
-        "Paper rows: arXiv 2603.14112 Tables 1-2, measured on the real benchmark of that name.",
-    ]
+    if protocol is None:
+        protocol = [
+            f"Protocol: LR centre crop {settings.get('lr_crop')} px, x{settings.get('scale')}, "
+            f"PSNR/SSIM on Y (BT.601) with a {settings.get('scale')}-pixel border cropped; "
+            "SSIM with an 11x11 Gaussian window, sigma 1.5.",
+            "Paper rows: arXiv 2603.14112 Tables 1-2, measured on the real benchmark of that name.",
+        ]
+    notes = ["", *protocol] if protocol else []
     skipped = [s for s in metric_status if not s.available]
     if skipped:
+        notes += [""] if not notes else []
         notes.append("Skipped metrics:")
         notes += [f"- {s.name}: {s.reason}" for s in skipped]
     return "\n".join(lines + notes) + "\n"
@@ -407,13 +420,31 @@ def _csv_text(rows: Sequence[SummaryRow]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["dataset", "benchmark", "method", "source", "images", "seconds_per_image", *ALL_METRICS]
+        [
+            "dataset",
+            "benchmark",
+            "method",
+            "source",
+            "images",
+            "seconds_per_image",
+            *ALL_METRICS,
+            "note",
+        ]
     )
     for row in rows:
         seconds = "" if row.seconds_per_image is None else f"{row.seconds_per_image:.4f}"
         values = ["" if row.metrics.get(m) is None else repr(row.metrics[m]) for m in ALL_METRICS]
         writer.writerow(
-            [row.dataset, row.benchmark or "", row.method, row.source, row.images, seconds, *values]
+            [
+                row.dataset,
+                row.benchmark or "",
+                row.method,
+                row.source,
+                row.images,
+                seconds,
+                *values,
+                row.note,
+            ]
         )
     return buffer.getvalue()
 
@@ -430,7 +461,9 @@ def _per_image_csv_text(results: Sequence[ImageResult]) -> str:
     return buffer.getvalue()
 
 
-def paper_rows(benchmark: str | None, dataset: str, which: PaperRows) -> list[SummaryRow]:
+def paper_rows(
+    benchmark: str | None, dataset: str, which: PaperRows, *, note: str = ""
+) -> list[SummaryRow]:
     """The paper's published rows for ``benchmark`` (none for sets it gives no numbers for)."""
     if which == "none" or benchmark not in PAPER_RESULTS:
         return []
@@ -447,9 +480,47 @@ def paper_rows(benchmark: str | None, dataset: str, which: PaperRows) -> list[Su
                 source="paper",
                 images=0,
                 metrics=metrics,
+                note=note,
             )
         )
     return rows
+
+
+def write_tables(
+    out_dir: Path,
+    rows: Sequence[SummaryRow],
+    results: Sequence[ImageResult],
+    metric_status: Sequence[MetricStatus],
+    settings: Mapping[str, object],
+    *,
+    markdown: str | None = None,
+    figure_path: Path | None = None,
+) -> EvaluationReport:
+    """Write ``results.md``, ``results.csv`` and ``per_image.csv`` into ``out_dir``.
+
+    ``markdown`` is the text of ``results.md``; by default :func:`render_markdown` of ``rows``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if markdown is None:
+        markdown = render_markdown(rows, metric_status, settings)
+    markdown_path = out_dir / "results.md"
+    csv_path = out_dir / "results.csv"
+    per_image_path = out_dir / "per_image.csv"
+    markdown_path.write_text(markdown, encoding="utf-8")
+    csv_path.write_text(_csv_text(rows), encoding="utf-8")
+    per_image_path.write_text(_per_image_csv_text(results), encoding="utf-8")
+    return EvaluationReport(
+        rows=tuple(rows),
+        images=tuple(results),
+        metric_status=tuple(metric_status),
+        markdown=markdown,
+        markdown_path=markdown_path,
+        csv_path=csv_path,
+        per_image_csv_path=per_image_path,
+        settings=settings,
+        figure_path=figure_path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,23 +673,7 @@ def evaluate(
         "methods": list(methods),
         "datasets": [d.name for d in sets],
     }
-    markdown = render_markdown(rows, status, settings)
-    markdown_path = out_dir / "results.md"
-    csv_path = out_dir / "results.csv"
-    per_image_path = out_dir / "per_image.csv"
-    markdown_path.write_text(markdown, encoding="utf-8")
-    csv_path.write_text(_csv_text(rows), encoding="utf-8")
-    per_image_path.write_text(_per_image_csv_text(results), encoding="utf-8")
-    return EvaluationReport(
-        rows=tuple(rows),
-        images=tuple(results),
-        metric_status=tuple(status),
-        markdown=markdown,
-        markdown_path=markdown_path,
-        csv_path=csv_path,
-        per_image_csv_path=per_image_path,
-        settings=settings,
-    )
+    return write_tables(out_dir, rows, results, status, settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,13 +17,16 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_dataset(root, "realsr", count=2, hr_size=(192, 160), seed=3)
 
 
-def test_eval_baselines_table(dataset: Path, tmp_path: Path) -> None:
+def test_eval_baselines_table(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPASEMSR_VAR_DIR", str(tmp_path / "var"))
     result = CliRunner().invoke(
         app, ["eval", str(dataset), "--out", str(tmp_path), "--no-spasemsr"]
     )
     assert result.exit_code == 0, result.output
     table = (tmp_path / "results.md").read_text()
-    assert "bicubic" in table and "lanczos" in table
+    assert "bicubic" in table and "lanczos" in table and "Real-ESRGAN x4plus" in table
     assert "25.74" in table  # the paper's RealSR PSNR stands beside ours
     assert (tmp_path / "results.csv").read_text().count("\n") >= 3
 
@@ -37,7 +40,9 @@ def test_eval_runs_spasemsr(dataset: Path, tmp_path: Path, monkeypatch: pytest.M
          "--max-images", "1"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "SpaSemSR (ours)" in (tmp_path / "out" / "results.md").read_text()
+    table = (tmp_path / "out" / "results.md").read_text()
+    # The demo weights are untrained, and the row says so.
+    assert "SpaSemSR (untrained weights)" in table and "SpaSemSR (ours)" not in table
 
 
 def test_weights_reports_a_missing_base_as_a_usage_error(tmp_path: Path) -> None:

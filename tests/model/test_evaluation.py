@@ -15,6 +15,7 @@ from model.evaluation import (
     PAPER_RESULTS,
     EvalDataset,
     ImagePair,
+    SummaryRow,
     bicubic_upscale,
     centre_crop_pair,
     discover_dataset,
@@ -22,11 +23,14 @@ from model.evaluation import (
     lanczos_upscale,
     make_degraded_patch_set,
     make_synthetic_dataset,
+    paper_rows,
+    render_markdown,
     synthetic_image,
     upscale_fn,
+    write_tables,
 )
 from model.lanczos import LanczosUpscaler
-from model.metrics import LPIPS, LPIPSNetwork, psnr, ssim
+from model.metrics import LPIPS, LPIPSNetwork, MetricStatus, psnr, ssim
 
 SMALL = (64, 48)  # HR size of the generated sets: LR 16 x 12
 
@@ -291,3 +295,30 @@ def test_synthetic_sets_are_reproducible(tmp_path: Path) -> None:
     assert Image.open(a / "lq" / "0000000.png").size == (8, 8)
     with pytest.raises(ValueError, match="multiple of the scale"):
         make_synthetic_dataset(tmp_path / "c", "gt_lq", hr_size=(30, 32))
+
+
+def test_row_notes_and_a_custom_protocol_reach_the_tables(tmp_path: Path) -> None:
+    ours = SummaryRow(
+        dataset="mine", benchmark=None, method="m", source="ours", images=2, metrics={"psnr": 20.0}
+    )
+    paper = paper_rows("RealSR", "mine", "spasemsr", note="other data")
+    assert [r.note for r in paper] == ["other data"]
+    report = write_tables(
+        tmp_path,
+        [ours, *paper],
+        [],
+        [MetricStatus(name="musiq", available=False, reason="no weights")],
+        {},
+        markdown=render_markdown([ours, *paper], [], {}, protocol=["Protocol: mine."]),
+    )
+    assert "| RealSR (paper) | SpaSemSR | paper, other data | – | 25.74 |" in report.markdown
+    assert "Protocol: mine." in report.markdown and "Paper rows:" not in report.markdown
+    assert report.markdown_path.read_text(encoding="utf-8") == report.markdown
+    assert report.figure_path is None
+    with report.csv_path.open(encoding="utf-8") as handle:
+        assert [r["note"] for r in csv.DictReader(handle)] == ["", "other data"]
+    # No protocol notes at all, but skipped metrics are still listed after a blank line.
+    bare = render_markdown(
+        [ours], [MetricStatus(name="musiq", available=False, reason="x")], {}, protocol=()
+    )
+    assert bare.endswith("| mine | m | ours | 2 | 20.00 |\n\nSkipped metrics:\n- musiq: x\n")
