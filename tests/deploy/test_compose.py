@@ -6,10 +6,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 import yaml
 
+from core.models import ModelName, default_model, worker_models
+from core.settings import Settings
 from tests.conftest import ROOT
 from tests.deploy.conftest import DEPLOY
+
+_DEFAULTED = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -107,6 +112,35 @@ def test_worker_reserves_a_gpu_and_redis_never_evicts(compose: dict[str, Any]) -
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     command = " ".join(services["redis"]["command"])
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+
+
+def _settings(service: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a service starts with when none of the stack's variables is set: compose
+    substitutes each `${NAME:-default}` with its default."""
+    with monkeypatch.context() as patch:
+        for key, value in service["environment"].items():
+            assert "$" not in _DEFAULTED.sub("", str(value)), (key, value)  # defaults only
+            patch.setenv(key, _DEFAULTED.sub(lambda m: m.group(2), str(value)))
+        return Settings()
+
+
+def test_the_worker_serves_the_apis_default_model(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = compose["services"]
+    assert "SPASEMSR_MODEL__UPSCALER" not in services["api"]["environment"]
+    assert "SPASEMSR_MODEL__UPSCALER" not in services["worker"]["environment"]
+    # Both explicit: the default does not hinge on SPASEMSR_MODEL__PATH, and the worker's GPU
+    # memory holds a chosen set, not "every model".
+    assert "SPASEMSR_MODEL__DEFAULT" in services["api"]["environment"]
+    assert "SPASEMSR_WORKER__MODELS" in services["worker"]["environment"]
+    api = _settings(services["api"], monkeypatch)
+    worker = _settings(services["worker"], monkeypatch)
+    assert worker.worker.models, "the worker names its models"
+    assert default_model(api) in worker_models(worker)
+    # The SpaSemSR model is only served with a trained pipeline (SPASEMSR_MODEL__PATH), never
+    # the untrained demo one.
+    assert ModelName.SPASEMSR not in worker_models(worker) or worker.model.path is not None
 
 
 def _dockerfile_stages() -> dict[str, str]:

@@ -1,18 +1,29 @@
 """The Kustomize base: objects, images, ports, probes, GPUs, secrets and KEDA autoscaling,
-cross-checked against the code (route paths, settings, RQ queue keys)."""
+cross-checked against the code (route paths, settings, models, RQ queue keys).
+
+The workers run in pools (``worker-pools/``), one Deployment and one KEDA ScaledObject each:
+a pool holds the models of its ``SPASEMSR_WORKER__MODELS`` and scales on exactly the queues
+of those models, whose keys are computed here from ``core.queue`` so that they cannot drift.
+"""
 
 from __future__ import annotations
 
+import copy
+import shutil
+import subprocess
 from typing import Any
 
 import pytest
+import yaml
 from redis import Redis
 
 from app.main import create_app
 from app.metrics import route_template
 from core.jobs import Priority
+from core.models import ALL_MODELS, ModelName, default_model, worker_models
 from core.queue import JobQueue
 from core.settings import Settings
+from tests.deploy.conftest import KUSTOMIZE_BASE
 
 Objects = dict[tuple[str, str], dict[str, Any]]
 
@@ -29,6 +40,56 @@ def _ports(container: dict[str, Any]) -> dict[str, int]:
     return {p["name"]: p["containerPort"] for p in container.get("ports", [])}
 
 
+WORKER_APP = "spasemsr-worker"
+POOL_LABEL = "spasemsr/pool"
+# At least these pools: a GPU pool dedicated to each of these models alone.
+DEDICATED_POOLS = {
+    "spasemsr-worker-spasemsr": (ModelName.SPASEMSR,),
+    "spasemsr-worker-realesrgan-x4plus": (ModelName.REALESRGAN_X4PLUS,),
+}
+
+
+def _config_env(objects: Objects) -> dict[str, str]:
+    return {
+        **objects[("ConfigMap", "spasemsr-config")]["data"],
+        **objects[("Secret", "spasemsr-storage")]["stringData"],
+    }
+
+
+def _pool_names(objects: Objects) -> list[str]:
+    """Worker Deployments: their pods carry the worker app label."""
+    return sorted(
+        name
+        for (kind, name), obj in objects.items()
+        if kind == "Deployment"
+        and obj["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name")
+        == WORKER_APP
+    )
+
+
+def _pool_settings(objects: Objects, name: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a pool's worker process starts with: config, secret, then its own env."""
+    container = _container(objects, "Deployment", name)
+    env = {**_config_env(objects), **{e["name"]: e["value"] for e in container.get("env", [])}}
+    with monkeypatch.context() as patch:
+        for key, value in env.items():
+            assert key.startswith("SPASEMSR_"), key
+            patch.setenv(key, str(value))
+        return Settings()
+
+
+def _served(objects: Objects, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[ModelName, ...]]:
+    """Each pool's models, as the worker reads them (``core.models.worker_models``)."""
+    served = {}
+    for name in _pool_names(objects):
+        container = _container(objects, "Deployment", name)
+        names = {e["name"] for e in container.get("env", [])}
+        # Explicit, never "empty = every model": a pool's GPU memory is sized for its models.
+        assert "SPASEMSR_WORKER__MODELS" in names, name
+        served[name] = worker_models(_pool_settings(objects, name, monkeypatch))
+    return served
+
+
 def test_base_has_every_object(objects_kinds: set[tuple[str, str]]) -> None:
     assert {
         ("Namespace", "spasemsr"),
@@ -38,10 +99,10 @@ def test_base_has_every_object(objects_kinds: set[tuple[str, str]]) -> None:
         ("StatefulSet", "redis"),
         ("Service", "api"),
         ("Deployment", "spasemsr-api"),
-        ("Deployment", "spasemsr-worker"),
         ("Service", "spasemsr-worker-metrics"),
-        ("ScaledObject", "spasemsr-worker"),
     } <= objects_kinds
+    for pool in DEDICATED_POOLS:
+        assert {("Deployment", pool), ("ScaledObject", pool)} <= objects_kinds
 
 
 @pytest.fixture
@@ -50,10 +111,7 @@ def objects_kinds(k8s_objects: Objects) -> set[tuple[str, str]]:
 
 
 def test_config_is_valid_settings(k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = {
-        **k8s_objects[("ConfigMap", "spasemsr-config")]["data"],
-        **k8s_objects[("Secret", "spasemsr-storage")]["stringData"],
-    }
+    data = _config_env(k8s_objects)
     for key, value in data.items():
         assert key.startswith("SPASEMSR_")
         monkeypatch.setenv(key, str(value))
@@ -62,14 +120,18 @@ def test_config_is_valid_settings(k8s_objects: Objects, monkeypatch: pytest.Monk
     assert settings.storage.backend == "s3"
     assert settings.worker.metrics_host == "0.0.0.0"
     assert settings.storage.s3_secret_access_key is not None
+    # The API's default model is chosen explicitly, not left to whether a path is set.
+    assert "SPASEMSR_MODEL__DEFAULT" in data
+    assert default_model(settings) is ModelName(data["SPASEMSR_MODEL__DEFAULT"])
 
 
 def test_services_select_their_pods_and_ports(k8s_objects: Objects) -> None:
-    for service_name, kind, workload in (
+    workloads = [
         ("api", "Deployment", "spasemsr-api"),
         ("redis", "StatefulSet", "redis"),
-        ("spasemsr-worker-metrics", "Deployment", "spasemsr-worker"),
-    ):
+        *(("spasemsr-worker-metrics", "Deployment", p) for p in _pool_names(k8s_objects)),
+    ]
+    for service_name, kind, workload in workloads:
         service = k8s_objects[("Service", service_name)]["spec"]
         pod_labels = k8s_objects[(kind, workload)]["spec"]["template"]["metadata"]["labels"]
         assert service["selector"].items() <= pod_labels.items(), service_name
@@ -104,10 +166,16 @@ def test_api_deployment(k8s_objects: Objects, kustomization: dict[str, Any]) -> 
     assert refs == {"spasemsr-config", "spasemsr-storage"}
 
 
-def test_worker_deployment_has_a_gpu_probes_and_metrics(k8s_objects: Objects) -> None:
-    deployment = k8s_objects[("Deployment", "spasemsr-worker")]
+@pytest.fixture(params=sorted(DEDICATED_POOLS))
+def pool(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    return name
+
+
+def test_worker_pool_has_a_gpu_probes_and_metrics(k8s_objects: Objects, pool: str) -> None:
+    deployment = k8s_objects[("Deployment", pool)]
     pod = deployment["spec"]["template"]
-    container = _container(k8s_objects, "Deployment", "spasemsr-worker")
+    container = _container(k8s_objects, "Deployment", pool)
     assert container["image"] == "spasemsr-worker"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     config = k8s_objects[("ConfigMap", "spasemsr-config")]["data"]
@@ -121,6 +189,64 @@ def test_worker_deployment_has_a_gpu_probes_and_metrics(k8s_objects: Objects) ->
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
+def test_dedicated_pools_serve_their_model_alone(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = _served(k8s_objects, monkeypatch)
+    for pool, models in DEDICATED_POOLS.items():
+        assert served[pool] == models, pool
+
+
+def test_every_model_is_served_by_exactly_one_pool(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No queue without a pool (its jobs would wait for ever) and none scaled by two pools."""
+    served = _served(k8s_objects, monkeypatch)
+    held = [model for models in served.values() for model in models]
+    assert sorted(held) == sorted(ALL_MODELS), served
+    default = default_model(_pool_settings(k8s_objects, "spasemsr-api", monkeypatch))
+    assert default in held
+
+
+def test_pools_select_only_their_own_pods(k8s_objects: Objects) -> None:
+    pools = _pool_names(k8s_objects)
+    assert len(pools) >= len(DEDICATED_POOLS)
+    for pool in pools:
+        selector = k8s_objects[("Deployment", pool)]["spec"]["selector"]["matchLabels"]
+        assert selector[POOL_LABEL] and selector["app.kubernetes.io/name"] == WORKER_APP
+        for other in pools:
+            labels = k8s_objects[("Deployment", other)]["spec"]["template"]["metadata"]["labels"]
+            assert (selector.items() <= labels.items()) == (other == pool), (pool, other)
+
+
+def _pool_shape(objects: Objects, name: str) -> dict[str, Any]:
+    """A pool's Deployment without what may differ between pools."""
+    deployment = copy.deepcopy(objects[("Deployment", name)])
+    deployment["metadata"].pop("name")
+    deployment["spec"]["selector"]["matchLabels"].pop(POOL_LABEL)
+    pod = deployment["spec"]["template"]
+    pod["metadata"]["labels"].pop(POOL_LABEL)
+    pod["spec"].pop("nodeSelector", None)
+    container = pod["spec"]["containers"][0]
+    container.pop("resources")
+    container["env"] = [e for e in container["env"] if e["name"] != "SPASEMSR_WORKER__MODELS"]
+    return deployment
+
+
+def test_pools_differ_only_in_models_resources_and_placement(k8s_objects: Objects) -> None:
+    """Pools are copies of one another: a probe, mount or grace period fixed in one is fixed
+    in all of them."""
+    pools = _pool_names(k8s_objects)
+    first = _pool_shape(k8s_objects, pools[0])
+    for pool in pools[1:]:
+        assert _pool_shape(k8s_objects, pool) == first, pool
+    for pool in pools:
+        limits = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"]["containers"][0][
+            "resources"
+        ]["limits"]
+        assert limits["nvidia.com/gpu"] == 1, pool  # one worker process per GPU
+
+
 def test_redis_persists_and_never_evicts(k8s_objects: Objects) -> None:
     statefulset = k8s_objects[("StatefulSet", "redis")]
     args = " ".join(_container(k8s_objects, "StatefulSet", "redis")["args"])
@@ -131,19 +257,68 @@ def test_redis_persists_and_never_evicts(k8s_objects: Objects) -> None:
     assert "readinessProbe" in _container(k8s_objects, "StatefulSet", "redis")
 
 
-def test_keda_scales_workers_on_the_real_queue_keys(
-    k8s_objects: Objects, kustomization: dict[str, Any]
+def _expected_list_keys(settings: Settings) -> set[str]:
+    """The Redis list keys of the queues a worker with these settings serves."""
+    queue = JobQueue(Redis(), prefix=settings.redis.key_prefix)  # no connection is opened
+    return {
+        queue.queue(model, Priority(priority)).key
+        for model in worker_models(settings)
+        for priority in settings.worker.queues
+    }
+
+
+def test_expected_keys_are_rq_queue_names() -> None:
+    """The computation above names RQ's lists: rq:queue:<prefix>-<model>-<priority>."""
+    settings = Settings(worker={"models": ["realesrgan-x4plus"], "queues": ["high"]})
+    assert _expected_list_keys(settings) == {"rq:queue:spasemsr-realesrgan-x4plus-high"}
+
+
+def test_keda_scales_each_pool_on_exactly_its_models_queues(
+    k8s_objects: Objects, kustomization: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scaled = k8s_objects[("ScaledObject", "spasemsr-worker")]["spec"]
-    assert scaled["scaleTargetRef"]["name"] == "spasemsr-worker"
-    assert scaled["maxReplicaCount"] >= 1
-    assert scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
-    queue = JobQueue(Redis(), prefix=Settings().redis.key_prefix)  # no connection is opened
-    expected = {queue.queue(priority).key for priority in Priority}
-    triggers = scaled["triggers"]
-    assert {t["type"] for t in triggers} == {"redis"}
-    assert {t["metadata"]["listName"] for t in triggers} == expected
+    pools = _pool_names(k8s_objects)
+    scaled_objects = {name for kind, name in k8s_objects if kind == "ScaledObject"}
+    assert scaled_objects == set(pools)  # one ScaledObject per pool, none for anything else
+    default = default_model(_pool_settings(k8s_objects, "spasemsr-api", monkeypatch))
     namespace = kustomization["namespace"]
-    for trigger in triggers:
-        assert trigger["metadata"]["address"] == f"redis.{namespace}.svc.cluster.local:6379"
-        assert int(trigger["metadata"]["listLength"]) >= 1
+    every_key: list[str] = []
+    for pool in pools:
+        settings = _pool_settings(k8s_objects, pool, monkeypatch)
+        scaled = k8s_objects[("ScaledObject", pool)]["spec"]
+        assert scaled["scaleTargetRef"]["name"] == pool
+        assert scaled["maxReplicaCount"] >= 1
+        assert scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+        # A request naming a model is refused while no live worker holds it: a pool at zero
+        # would never see its queue grow. Only a pool holding the default model may sleep.
+        if default not in worker_models(settings):
+            assert scaled["minReplicaCount"] >= 1, pool
+        triggers = scaled["triggers"]
+        assert {t["type"] for t in triggers} == {"redis"}, pool
+        names = [t["metadata"]["listName"] for t in triggers]
+        assert len(names) == len(set(names)), pool
+        assert set(names) == _expected_list_keys(settings), pool
+        every_key += names
+        for trigger in triggers:
+            assert trigger["metadata"]["address"] == f"redis.{namespace}.svc.cluster.local:6379"
+            assert int(trigger["metadata"]["listLength"]) >= 1
+    assert len(every_key) == len(set(every_key))  # no queue scales two pools
+
+
+def test_kustomize_builds_the_base(k8s_objects: Objects) -> None:
+    """`kubectl kustomize` renders the same objects that the tests above read."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: the base is checked as parsed YAML only")
+    built = subprocess.run(
+        [kubectl, "kustomize", str(KUSTOMIZE_BASE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    rendered = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    assert {(doc["kind"], doc["metadata"]["name"]) for doc in rendered} == set(k8s_objects)
+    for doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "spasemsr", doc["metadata"]["name"]

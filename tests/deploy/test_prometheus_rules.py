@@ -14,8 +14,11 @@ from tests.deploy.conftest import DEPLOY, RULE_TESTS, RULES
 
 ALERTS = {
     "SpaSemSRQueueWaitHigh",
+    "SpaSemSRQueueOldestJobOld",
     "SpaSemSRQueueStuck",
     "SpaSemSRNoWarmWorker",
+    "SpaSemSRModelQueuedWithoutWarmWorker",
+    "SpaSemSRModelNotWarm",
     "SpaSemSRJobFailureRatioHigh",
     "SpaSemSRGpuMemoryNearFull",
     "SpaSemSRRedisDown",
@@ -65,30 +68,57 @@ def test_rule_unit_tests_pass(promtool: str) -> None:
     assert "SUCCESS" in tested.stdout
 
 
-# One wrong threshold or operator per alert: the unit tests must notice each one.
-MUTANTS = {
-    "SpaSemSRQueueWaitHigh": ("> 300", "> 900"),
-    "SpaSemSRQueueStuck": ("or vector(0)) == 0", "or vector(0)) >= 0"),
-    "SpaSemSRNoWarmWorker": ("< 1", "< 2"),
-    "SpaSemSRJobFailureRatioHigh": ("> 0.1", "> 0.7"),
-    "SpaSemSRGpuMemoryNearFull": ("> 0.92", "> 0.4"),
-    "SpaSemSRRedisDown": ("min(spasemsr_redis_up)", "max(spasemsr_redis_up)"),
-    "SpaSemSRApiDown": ("== 0", "== 1"),
-    "SpaSemSRHttpServerErrors": ('{status=~"5..", route!="/readyz"}', '{status=~"5.."}'),
-}
+# One wrong threshold or operator per alert, and for the per-model alerts a lost `model`
+# split (aggregated over every model, or matched across models): the unit tests must notice
+# each one.
+MUTANTS = [
+    ("SpaSemSRQueueWaitHigh", "> 300", "> 900"),
+    ("SpaSemSRQueueWaitHigh", "by (le, queue, model)", "by (le, queue)"),
+    ("SpaSemSRQueueOldestJobOld", "> 300", "> 900"),
+    ("SpaSemSRQueueOldestJobOld", "max by (queue, model)", "sum by (queue, model)"),
+    ("SpaSemSRQueueStuck", "[30m])) > 0)", "[30m])) >= 0)"),
+    ("SpaSemSRQueueStuck", "unless on (model)", "unless on ()"),
+    ("SpaSemSRNoWarmWorker", "< 1", "< 2"),
+    (
+        "SpaSemSRModelQueuedWithoutWarmWorker",
+        "(spasemsr_model_warm) > 0)",
+        "(spasemsr_model_warm) > 1)",
+    ),
+    ("SpaSemSRModelQueuedWithoutWarmWorker", "unless on (model)", "unless on ()"),
+    ("SpaSemSRModelNotWarm", "== 0", "== 1"),
+    ("SpaSemSRModelNotWarm", "max by (model)", "min by (model)"),
+    ("SpaSemSRJobFailureRatioHigh", "> 0.1", "> 0.7"),
+    (
+        "SpaSemSRJobFailureRatioHigh",
+        "sum by (model) (rate(spasemsr_jobs_total[15m]))",
+        "ignoring (model) group_left sum(rate(spasemsr_jobs_total[15m]))",
+    ),
+    ("SpaSemSRGpuMemoryNearFull", "> 0.92", "> 0.4"),
+    ("SpaSemSRRedisDown", "min(spasemsr_redis_up)", "max(spasemsr_redis_up)"),
+    ("SpaSemSRApiDown", "== 0", "== 1"),
+    ("SpaSemSRHttpServerErrors", '{status=~"5..", route!="/readyz"}', '{status=~"5.."}'),
+]
 
 
-@pytest.mark.parametrize("alert", sorted(MUTANTS))
-def test_rule_unit_tests_catch_a_wrong_rule(promtool: str, tmp_path: Path, alert: str) -> None:
-    old, new = MUTANTS[alert]
+def test_every_alert_has_a_mutant() -> None:
+    assert {alert for alert, _, _ in MUTANTS} == ALERTS
+
+
+@pytest.mark.parametrize(
+    ("alert", "old", "new"), MUTANTS, ids=[f"{a}:{new}" for a, _, new in MUTANTS]
+)
+def test_rule_unit_tests_catch_a_wrong_rule(
+    promtool: str, tmp_path: Path, alert: str, old: str, new: str
+) -> None:
     document = yaml.safe_load(RULES.read_text())
     rule = next(r for g in document["groups"] for r in g["rules"] if r["alert"] == alert)
-    assert old in rule["expr"], rule["expr"]
-    rule["expr"] = rule["expr"].replace(old, new, 1)
+    assert rule["expr"].count(old) == 1, rule["expr"]
+    rule["expr"] = rule["expr"].replace(old, new)
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / RULES.name).write_text(yaml.safe_dump(document))
     (tmp_path / "tests").mkdir()
     shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
+    assert _run(promtool, "check", "rules", str(tmp_path / "rules" / RULES.name)).returncode == 0
     tested = _run(promtool, "test", "rules", str(tmp_path / "tests" / RULE_TESTS.name))
     assert tested.returncode != 0, f"the unit tests did not notice the mutant of {alert}"
     assert alert in tested.stdout + tested.stderr
