@@ -8,7 +8,9 @@ The subject is the pipeline with random weights (speed does not depend on weight
 and attention additions) with the full-size grounder (DRM, CLIP tagger, Grounding DINO), or both
 at ``tiny`` size. Each job runs as the worker runs it (:class:`model.spasemsr.SpaSemSRUpscaler`):
 grounding, text and visual encoders, 20 denoising steps with classifier-free guidance, tiled VAE
-decode. Two cases: ``small`` (tile/4 input, x4: 128² -> 512² for sd2) and ``large`` (tile-size
+decode. With ``--realesrgan`` the served Real-ESRGAN models follow on the same device
+(``bench/bench_realesrgan.py``: 128² -> 512² and 512² -> 2048², time and peak memory). Two
+SpaSemSR cases: ``small`` (tile/4 input, x4: 128² -> 512² for sd2) and ``large`` (tile-size
 input, x4, tiled: 512² -> 2048² for sd2).
 
 For each setting (:class:`model.performance.PerformanceSettings` presets): the warm-up (build and
@@ -475,7 +477,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only the FLOPs per stage from shapes (meta device, no weights, seconds on a CPU)",
     )
+    parser.add_argument(
+        "--realesrgan",
+        choices=("also", "only"),
+        default=None,
+        help="the served Real-ESRGAN models on the same device, after SpaSemSR or alone",
+    )
     return parser.parse_args(argv)
+
+
+def run_realesrgan(device: torch.device) -> None:
+    """The Real-ESRGAN table of ``bench/bench_realesrgan.py`` on ``device`` (each case in a
+    fresh process; on CUDA a tile covers a 512² input, the worker's ``tile_size`` 2048)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_realesrgan import main as realesrgan_main
+
+    tile_size = "2048" if device.type == "cuda" else "512"
+    realesrgan_main(["--device", str(device), "--tile-size", tile_size])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -489,6 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         # The fp32 baseline means fp32: no TF32 in matrix products or convolutions.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if args.realesrgan == "only":
+        run_realesrgan(device)
+        return
     cases = cases_for(args.config, args.cases.split(","))
     if args.count_only:
         print(f"FLOPs per stage (TFLOP) of `{args.config}`, {args.steps} steps, CFG on\n")
@@ -541,6 +562,8 @@ def main(argv: list[str] | None = None) -> None:
             ],
         }
         args.json.write_text(json.dumps(figures, indent=2))
+    if args.realesrgan == "also":
+        run_realesrgan(device)
 
 
 if __name__ == "__main__":
