@@ -8,10 +8,11 @@ a section and its field, e.g. ``SPASEMSR_REDIS__URL=redis://redis:6379/0`` or
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.models import ModelName
@@ -112,6 +113,15 @@ class WebhookSettings(BaseModel):
     """HMAC key for signatures; webhooks are refused (422) while it is unset."""
     allow_networks: tuple[str, ...] = ()
     """CIDRs that may receive webhooks although private (e.g. ``10.0.0.0/8`` inside a VPC)."""
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _valid_networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        # A mistyped network must stop the process at start-up, not fail every webhook later.
+        for network in networks:
+            ipaddress.ip_network(network, strict=False)
+        return networks
+
     timeout_seconds: float = Field(default=5.0, gt=0)
     retry_intervals_seconds: tuple[int, ...] = (5, 30, 120, 600, 1800)
     """Waits before each retry; their count is the number of retries."""

@@ -4,8 +4,9 @@ A webhook URL is checked when the job is submitted and again, after a fresh DNS 
 at every delivery attempt; the request then goes to the very address that was checked (the
 ``Host`` header and TLS server name keep the original host name), so a DNS answer that
 changes between the check and the connection cannot redirect it inside the network.
-Private, loopback, link-local (cloud metadata), multicast and reserved addresses are refused
-unless an operator allowlists them.
+Private, loopback, link-local (cloud metadata), multicast and reserved addresses, and IPv6
+forms that carry such an IPv4 address (NAT64, 6to4, ...), are refused unless an operator
+allowlists them; the rules are ``core.addresses.refused_reason``.
 
 Signature header: ``X-SpaSemSR-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
 "<t>.<body>" with the shared secret>``; receivers should also reject stale timestamps.
@@ -26,6 +27,7 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 
+from core.addresses import refused_reason
 from core.errors import InvalidParameters
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,6 @@ logger = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-SpaSemSR-Signature"
 MAX_URL_LENGTH = 2048
 Resolver = Callable[[str, int], list[str]]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class WebhookRefused(InvalidParameters):
@@ -45,44 +46,44 @@ def resolve(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-def _is_public(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    # is_global excludes private, loopback, link-local, shared (CGNAT) and reserved ranges.
-    return address.is_global and not address.is_multicast
-
-
-def _allowed(address: IPAddress, allow_networks: Iterable[str]) -> bool:
-    return _is_public(address) or any(
-        address in ipaddress.ip_network(network, strict=False) for network in allow_networks
-    )
-
-
 def check_url(
     url: str, *, allow_networks: Iterable[str] = (), resolver: Resolver = resolve
 ) -> tuple[SplitResult, str]:
-    """Validate a webhook URL; returns it parsed and the address to connect to."""
+    """Validate a webhook URL; returns it parsed and the address to connect to.
+
+    Every address the host resolves to must pass ``core.addresses.refused_reason``; an
+    IPv4-mapped answer is returned as its IPv4 address, the one that was judged.
+    """
     if len(url) > MAX_URL_LENGTH:
         raise WebhookRefused(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a bad port, or brackets around something not an IPv6 address
+        raise WebhookRefused("The webhook URL is malformed.") from exc
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise WebhookRefused("The webhook URL must be an absolute http or https URL.")
     if parts.username or parts.password:
         raise WebhookRefused("The webhook URL must not carry credentials.")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        addresses = resolver(parts.hostname, port)
-    except (OSError, UnicodeError) as exc:
+        addresses = [ipaddress.ip_address(text) for text in resolver(parts.hostname, port)]
+    except (OSError, UnicodeError, ValueError) as exc:
         raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.") from exc
     if not addresses:
         raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.")
-    networks = list(allow_networks)
-    for text in addresses:
-        if not _allowed(ipaddress.ip_address(text), networks):
+    networks = [ipaddress.ip_network(network, strict=False) for network in allow_networks]
+    for address in addresses:
+        reason = refused_reason(address, allow_networks=networks)
+        if reason is not None:
+            # The reason stays in the log: it may name an internal address of the host.
+            logger.info("webhook URL refused for host %r: %s", parts.hostname, reason)
             raise WebhookRefused(
                 "The webhook URL points at a private, loopback, link-local or reserved address."
             )
-    return parts, addresses[0]
+    first = addresses[0]
+    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
+        first = first.ipv4_mapped
+    return parts, str(first)
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
