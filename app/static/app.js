@@ -119,11 +119,11 @@ function showSelectedModel() {
   }
   $("model-name").textContent = `${model.name} ${model.version}`;
   const devices = (model.devices && model.devices.length) ? model.devices.join(", ") : model.device;
-  const origin = [model.source, model.licence].filter(Boolean).join(", ");
+  // The weights' description already names their source and licence: say it once.
+  const licence = model.licence && !model.weights.includes(model.licence) ? `; ${model.licence}` : "";
   $("model-details").textContent =
-    `(${trainedLabel(model.trained)}; ${model.configuration}; weights ${model.weights}; ` +
-    `${devices}, ${model.dtype}; ${model.workers} worker${model.workers === 1 ? "" : "s"}` +
-    `${origin ? "; " + origin : ""})`;
+    `(${trainedLabel(model.trained)}; ${model.configuration}; weights: ${model.weights}${licence}; ` +
+    `${devices}, ${model.dtype}; ${model.workers} worker${model.workers === 1 ? "" : "s"})`;
   if (!model.trained) {
     const text = (model.warnings && model.warnings.length)
       ? model.warnings.join(" ")
