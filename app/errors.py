@@ -30,6 +30,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.SpaSemSRError], HTTPStatus], ...] = (
     (errors.ModelNotServed, HTTPStatus.UNPROCESSABLE_ENTITY),
     (errors.JobNotFound, HTTPStatus.NOT_FOUND),
     (errors.JobNotFinished, HTTPStatus.CONFLICT),
+    (errors.ResultGone, HTTPStatus.GONE),
     (errors.JobAlreadyFinished, HTTPStatus.CONFLICT),
     (errors.Unauthorized, HTTPStatus.UNAUTHORIZED),
     (errors.Forbidden, HTTPStatus.FORBIDDEN),

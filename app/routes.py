@@ -18,11 +18,13 @@ from app.uploads import check_image
 from core.errors import (
     DependencyUnavailable,
     IdempotencyKeyInUse,
+    InputMissing,
     InvalidParameters,
     JobAlreadyFinished,
     JobNotFinished,
     ModelNotServed,
     Overloaded,
+    ResultGone,
     TooManyPixels,
     UploadTooLarge,
 )
@@ -335,6 +337,7 @@ def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobP
         403: PROBLEM,
         404: PROBLEM,
         409: PROBLEM,
+        410: PROBLEM,
     },
     response_class=Response,
     summary="The upscaled image, once the job has succeeded",
@@ -348,7 +351,13 @@ def get_result(job_id: str, services: ServicesDep, principal: PrincipalDep) -> R
         url = services.storage.presigned_url(record.output_key)
         if url:
             return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    data = services.storage.get(record.output_key)
+    try:
+        data = services.storage.get(record.output_key)
+    except InputMissing as exc:  # deleted from the bucket by hand or by a lifecycle rule
+        logger.warning("result of job %s is missing from storage", job_id)
+        raise ResultGone(
+            f"Job {job_id} succeeded, but its result is no longer in storage; submit it again."
+        ) from exc
     filename = record.output_key.rsplit("/", 1)[-1]
     return Response(
         content=data,

@@ -11,6 +11,7 @@
     │   ├── ModelNotServed              a model no worker of this service serves
     │   ├── JobNotFound                 no such job (or it expired)
     │   ├── JobNotFinished              the result was asked for before the job succeeded
+    │   ├── ResultGone                  the job succeeded but its result object is gone
     │   ├── JobAlreadyFinished          cancel asked of a job that already ended
     │   ├── Unauthorized                no API key, or one that is not known
     │   ├── Forbidden                   a known key asking for what is not its own
@@ -94,6 +95,10 @@ class JobNotFound(ClientError):
 
 class JobNotFinished(ClientError):
     title = "Job has not succeeded"
+
+
+class ResultGone(ClientError):
+    title = "Result no longer available"
 
 
 class JobAlreadyFinished(ClientError):

@@ -232,6 +232,23 @@ def test_result_before_success_is_409(client: TestClient) -> None:
     assert "queued" in str(body["detail"])
 
 
+def test_a_result_missing_from_storage_is_410_not_500(
+    client: TestClient, settings: Settings
+) -> None:
+    from core.jobs import ImageFormat, ImageInfo
+
+    job = _post(client, png_bytes()).json()  # type: ignore[attr-defined]
+    jobs = JobStore(Redis.from_url(settings.redis.url or ""), prefix="spasemsr", ttl_seconds=60)
+    output = ImageInfo(width=96, height=64, format=ImageFormat.PNG, bytes=10)
+    assert jobs.transition(job["id"], from_statuses=[JobStatus.QUEUED], to=JobStatus.SUCCEEDED,
+                           output=output)  # fmt: skip
+    # The worker would have written results/<id>.png; a lifecycle rule or a person deleted it.
+    body = _assert_problem(
+        client.get(f"/v1/jobs/{job['id']}/result"), 410, "Result no longer available"
+    )
+    assert "submit it again" in str(body["detail"])
+
+
 def test_cancel_queued_job_at_once_then_409(client: TestClient, settings: Settings) -> None:
     job = _post(client, png_bytes()).json()  # type: ignore[attr-defined]
     canceled = client.delete(f"/v1/jobs/{job['id']}")
