@@ -147,6 +147,20 @@ class JobQueue:
             oldest[key] = _parse_stamp(stamp)
         return oldest
 
+    def entries_in_line(self) -> set[str]:
+        """Every queue entry id some worker can still take: waiting in a queue, moved to RQ's
+        intermediate list by a worker that has not started it yet, or scheduled for later.
+
+        One round trip; the recovery sweep compares queued job records against this.
+        """
+        with self._redis.pipeline(transaction=False) as pipe:
+            for queue in self._queues.values():
+                pipe.lrange(queue.key, 0, -1)
+                pipe.lrange(queue.intermediate_queue_key, 0, -1)
+                pipe.zrange(f"rq:scheduled:{queue.name}", 0, -1)  # ScheduledJobRegistry's key
+            answers = pipe.execute()
+        return {_text(entry) for answer in answers for entry in answer}
+
     def fetch(self, job_id: str) -> Job | None:
         try:
             return Job.fetch(job_id, connection=self._redis, serializer=JSONSerializer)

@@ -25,23 +25,39 @@ local allowed = cjson.decode(ARGV[1])
 for _, status in ipairs(allowed) do
   if current == status then
     redis.call('HSET', KEYS[1], 'status', ARGV[2])
-    for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+    for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
     if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+    if ARGV[2] == ARGV[5] then
+      local now = redis.call('TIME')
+      redis.call('ZADD', KEYS[2], tonumber(now[1]) + tonumber(now[2]) / 1e6, ARGV[6])
+    else
+      redis.call('ZREM', KEYS[2], ARGV[6])
+    end
     return 1
   end
 end
 return 0
 """
+"""Status change and queued-index update in one step. ``KEYS``: the record, the queued index;
+``ARGV``: allowed statuses, new status, TTL, holder, the queued status, job id, field pairs."""
 
 CANCEL_FIELD = "cancel_requested"
 
 
 class JobStore:
+    """Job records, and an index of the queued ones (job id -> when it entered the queue).
+
+    The index is what makes "nothing accepted is lost" checkable: a job whose record says
+    ``queued`` but that no queue, delay set or schedule holds any more (a worker popped it and
+    stopped before starting it) is found from here by the recovery sweep and queued again.
+    """
+
     def __init__(self, connection: Redis, *, prefix: str, ttl_seconds: int) -> None:
         self._redis = connection
         self._prefix = prefix
         self._ttl_seconds = ttl_seconds
         self._transition = connection.register_script(_TRANSITION)
+        self.queued_index_key = f"{prefix}:queued"
 
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -52,6 +68,8 @@ class JobStore:
         with self._redis.pipeline() as pipe:
             pipe.hset(key, mapping=fields)
             pipe.expire(key, self._ttl_seconds)
+            if record.status is JobStatus.QUEUED:
+                pipe.zadd(self.queued_index_key, {record.id: record.created_at.timestamp()})
             pipe.execute()
 
     def get(self, job_id: str) -> JobRecord:
@@ -85,10 +103,12 @@ class JobStore:
         allowed = json.dumps([json.dumps(status.value) for status in from_statuses])
         ttl = self._ttl_seconds if to.is_terminal else 0
         holder = json.dumps(held_by) if held_by is not None else ""
-        args: list[Any] = [allowed, json.dumps(to.value), ttl, holder]
+        queued = json.dumps(JobStatus.QUEUED.value)
+        args: list[Any] = [allowed, json.dumps(to.value), ttl, holder, queued, job_id]
         for name, value in _encode(fields).items():
             args += [name, value]
-        outcome = self._transition(keys=[self._key(job_id)], args=args)
+        keys = [self._key(job_id), self.queued_index_key]
+        outcome = self._transition(keys=keys, args=args)
         if outcome == -1:
             raise JobNotFound(f"No job with id {job_id!r} (it may have expired).")
         return bool(outcome == 1)
@@ -103,11 +123,23 @@ class JobStore:
         self._redis.hdel(self._key(job_id), CANCEL_FIELD)
 
     def delete(self, job_id: str) -> None:
-        self._redis.delete(self._key(job_id))
+        with self._redis.pipeline() as pipe:
+            pipe.delete(self._key(job_id))
+            pipe.zrem(self.queued_index_key, job_id)
+            pipe.execute()
+
+    def queued_since(self, before: float) -> list[str]:
+        """Ids of jobs that entered the queue before ``before`` (Unix seconds), oldest first."""
+        raw = self._redis.zrangebyscore(self.queued_index_key, "-inf", before)
+        return [_text(entry) for entry in raw]
+
+    def drop_from_queued_index(self, job_id: str) -> None:
+        """For an entry whose record expired or is no longer queued."""
+        self._redis.zrem(self.queued_index_key, job_id)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _encode(fields: Mapping[str, Any]) -> dict[Any, str]:  # redis-py keys are a wide union

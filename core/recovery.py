@@ -6,6 +6,15 @@ sweep (one at a time, under a short lock): a running job whose worker's entry ha
 lost with that worker, and is queued again under a fresh queue entry after a backoff, unless
 it has already taken ``max_attempts`` workers with it, in which case it fails with a clear
 error instead of killing workers forever.
+
+The same sweep closes the gap before a job starts: a worker takes an entry off the queue and
+only then marks the job running, so a worker stopped in between (SIGTERM to an idle worker
+just as a job arrives, a scale-down, a crash) would leave a record that says ``queued`` with no
+entry anywhere. Every queued record is in an index (:class:`~core.records.JobStore`); a job
+that has been queued longer than ``orphan_grace_seconds`` and has no entry in any queue,
+intermediate list, schedule or delay set is queued again under a fresh entry. If the worker
+was merely slow and starts the old entry after all, the new entry finds the job no longer
+queued and is skipped: at least once, never twice.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any
 
 from redis import Redis
 
-from core.errors import JobCanceled, JobError, QueueTimeout, WorkerLost
+from core.errors import JobCanceled, JobError, JobNotFound, QueueTimeout, WorkerLost
 from core.jobs import JobErrorInfo, JobRecord, JobStatus, payload_for, utcnow
 from core.queue import JobQueue
 from core.records import JobStore
@@ -69,6 +78,7 @@ class JobRecovery:
         backoff_seconds: float,
         job_timeout_seconds: int,
         keep_seconds: int,
+        orphan_grace_seconds: float = 30.0,
     ) -> None:
         self._redis = connection
         self._running_key = f"{prefix}:running"
@@ -81,6 +91,7 @@ class JobRecovery:
         self._backoff_seconds = backoff_seconds
         self._job_timeout_seconds = job_timeout_seconds
         self._keep_seconds = keep_seconds
+        self._orphan_grace_seconds = orphan_grace_seconds
 
     def mark_running(self, job_id: str, worker: str) -> None:
         self._redis.hset(self._running_key, job_id, worker)
@@ -104,7 +115,7 @@ class JobRecovery:
                     self.requeue(job_id, worker, reason="its worker stopped answering")
                     recovered.append(job_id)
             self.release_due()
-            return recovered
+            return recovered + self.requeue_orphans()
         finally:
             self._redis.delete(self._lock_key)
 
@@ -148,6 +159,37 @@ class JobRecovery:
         else:
             self._enqueue(job_id)
         logger.warning("job %s requeued (%s; attempt %d)", job_id, reason, attempt)
+
+    def requeue_orphans(self) -> list[str]:
+        """Queue again the queued jobs that no queue entry stands for any more (module doc)."""
+        candidates = self._jobs.queued_since(time.time() - self._orphan_grace_seconds)
+        if not candidates:
+            return []
+        in_line = self._queue.entries_in_line()
+        delayed = {_text(raw) for raw in self._redis.zrange(self._delayed_key, 0, -1)}
+        orphans = []
+        for job_id in candidates:
+            if job_id in delayed:
+                continue
+            try:
+                record = self._jobs.get(job_id)
+            except JobNotFound:  # expired: nothing left to do for it
+                self._jobs.drop_from_queued_index(job_id)
+                continue
+            if record.status is not JobStatus.QUEUED:
+                self._jobs.drop_from_queued_index(job_id)
+                continue
+            if (record.rq_job_id or job_id) in in_line:
+                continue
+            rq_job_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
+            if self._jobs.transition(
+                job_id, from_statuses=[JobStatus.QUEUED], to=JobStatus.QUEUED, rq_job_id=rq_job_id
+            ):
+                self._enqueue(job_id)
+                orphans.append(job_id)
+                logger.warning("job %s had no queue entry (taken by a worker that stopped "
+                               "before starting it); queued again", job_id)  # fmt: skip
+        return orphans
 
     def release_due(self) -> list[str]:
         """Queue the handed-back jobs whose backoff is over (called under the sweep lock)."""

@@ -95,6 +95,9 @@ class WorkerSettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     """Workers a job may take down with it before it fails with ``worker-lost``."""
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    orphan_grace_seconds: float = Field(default=30.0, ge=0)
+    """A queued job with no queue entry for this long (its worker stopped between taking it and
+    starting it) is queued again by the recovery sweep."""
     shutdown_grace_seconds: float = Field(default=60.0, ge=0)
     """After SIGTERM the current job may finish within this; then it is queued again."""
     heartbeat_seconds: float = Field(default=5.0, gt=0)

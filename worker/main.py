@@ -90,6 +90,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
             backoff_seconds=settings.worker.retry_backoff_seconds,
             job_timeout_seconds=settings.worker.job_timeout_seconds,
             keep_seconds=settings.worker.record_ttl_seconds,
+            orphan_grace_seconds=settings.worker.orphan_grace_seconds,
         ),
     )
     install_runtime(runtime)
