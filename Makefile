@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is taken as the CPU build here; GPU images install the CUDA build (see Dockerfile).
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install system-deps run demo test lint typecheck unit load-test bench bench-full clean
+.PHONY: install system-deps run demo test lint typecheck unit load-test chaos bench bench-full clean
 
 # Debian packages the tests drive for real: Chromium (web page end to end) and Prometheus
 # (promtool rule tests, a real scrape). Installed once when missing; needs root and apt.
@@ -53,6 +53,10 @@ test: system-deps lint typecheck unit
 ## The full-size load test: 2,000 jobs through two workers (make test runs a smaller one).
 load-test: install
 	SPASEMSR_LOAD_JOBS=2000 $(BIN)/python -m pytest tests/load -q -s
+
+## The chaos suite at full size (make test runs it with a few cycles of each fault).
+chaos: install
+	SPASEMSR_CHAOS_CYCLES=50 $(BIN)/python -m pytest tests/chaos -q -s
 
 ## Benchmarks (figures, not pass/fail): service latency and throughput, model stages.
 bench: install

@@ -24,7 +24,7 @@ from tests.conftest import free_port, png_bytes, start_service, wait_for_status
 
 FAST_RECOVERY = {
     "SPASEMSR_WORKER__MODELS": '["lanczos"]',
-        "SPASEMSR_MODEL__DEFAULT": "lanczos",
+    "SPASEMSR_MODEL__DEFAULT": "lanczos",
     "SPASEMSR_WORKER__HEARTBEAT_SECONDS": "0.5",
     "SPASEMSR_WORKER__RETRY_BACKOFF_SECONDS": "0.5",
     "SPASEMSR_API__RATE_LIMIT_PER_MINUTE": "0",
