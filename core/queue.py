@@ -19,6 +19,7 @@ from rq.utils import utcparse
 
 from core.jobs import JobPayload, Priority
 from core.models import ALL_MODELS, ModelName
+from core.redis_conn import text
 
 TASK = "worker.tasks.run_job"
 WEBHOOK_TASK = "worker.webhooks.deliver_job_webhook"
@@ -135,7 +136,7 @@ class JobQueue:
             for queue in self._queues.values():
                 pipe.lindex(queue.key, 0)
             heads = pipe.execute()
-        ids = {key: _text(head) for key, head in zip(self._queues, heads, strict=True) if head}
+        ids = {key: text(head) for key, head in zip(self._queues, heads, strict=True) if head}
         oldest: dict[QueueKey, datetime | None] = dict.fromkeys(self._queues)
         if not ids:
             return oldest
@@ -159,7 +160,7 @@ class JobQueue:
                 pipe.lrange(queue.intermediate_queue_key, 0, -1)
                 pipe.zrange(f"rq:scheduled:{queue.name}", 0, -1)  # ScheduledJobRegistry's key
             answers = pipe.execute()
-        return {_text(entry) for answer in answers for entry in answer}
+        return {text(entry) for answer in answers for entry in answer}
 
     def fetch(self, job_id: str) -> Job | None:
         try:
@@ -175,14 +176,10 @@ def _model_of(payload: JobPayload) -> ModelName:
     return model
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _parse_stamp(stamp: object) -> datetime | None:
     if not stamp:
         return None
     try:
-        return utcparse(_text(stamp))
+        return utcparse(text(stamp))
     except ValueError:
         return None

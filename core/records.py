@@ -16,6 +16,7 @@ from redis import Redis
 
 from core.errors import JobNotFound
 from core.jobs import JobRecord, JobStatus
+from core.redis_conn import text
 
 _TRANSITION = """
 local current = redis.call('HGET', KEYS[1], 'status')
@@ -76,7 +77,7 @@ class JobStore:
         raw = self._redis.hgetall(self._key(job_id))
         if not raw:
             raise JobNotFound(f"No job with id {job_id!r} (it may have expired).")
-        fields = {_text(k): json.loads(v) for k, v in raw.items() if _text(k) != CANCEL_FIELD}
+        fields = {text(k): json.loads(v) for k, v in raw.items() if text(k) != CANCEL_FIELD}
         return JobRecord.model_validate(fields)
 
     def exists(self, job_id: str) -> bool:
@@ -131,15 +132,11 @@ class JobStore:
     def queued_since(self, before: float) -> list[str]:
         """Ids of jobs that entered the queue before ``before`` (Unix seconds), oldest first."""
         raw = self._redis.zrangebyscore(self.queued_index_key, "-inf", before)
-        return [_text(entry) for entry in raw]
+        return [text(entry) for entry in raw]
 
     def drop_from_queued_index(self, job_id: str) -> None:
         """For an entry whose record expired or is no longer queued."""
         self._redis.zrem(self.queued_index_key, job_id)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _encode(fields: Mapping[str, Any]) -> dict[Any, str]:  # redis-py keys are a wide union

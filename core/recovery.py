@@ -30,6 +30,7 @@ from core.errors import JobCanceled, JobError, JobNotFound, QueueTimeout, Worker
 from core.jobs import JobErrorInfo, JobRecord, JobStatus, payload_for, utcnow
 from core.queue import JobQueue
 from core.records import JobStore
+from core.redis_conn import text
 from core.storage import ObjectStorage
 from core.workers import WorkerRegistry
 
@@ -101,7 +102,7 @@ class JobRecovery:
 
     def running(self) -> dict[str, str]:
         raw = self._redis.hgetall(self._running_key)
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {text(k): text(v) for k, v in raw.items()}
 
     def sweep(self) -> list[str]:
         """Hand the jobs of dead workers back to the queue; returns the ids it recovered."""
@@ -165,11 +166,14 @@ class JobRecovery:
         candidates = self._jobs.queued_since(time.time() - self._orphan_grace_seconds)
         if not candidates:
             return []
-        in_line = self._queue.entries_in_line()
-        delayed = {_text(raw) for raw in self._redis.zrange(self._delayed_key, 0, -1)}
+        # Any entry of a job runs it (a worker starts whatever queued job its entry names), so
+        # a job is in line when an entry id is the job id or the job id plus an attempt suffix:
+        # only the jobs no entry names are read from Redis.
+        represented = {entry.partition("-")[0] for entry in self._queue.entries_in_line()}
+        delayed = {text(raw) for raw in self._redis.zrange(self._delayed_key, 0, -1)}
         orphans = []
         for job_id in candidates:
-            if job_id in delayed:
+            if job_id in represented or job_id in delayed:
                 continue
             try:
                 record = self._jobs.get(job_id)
@@ -178,8 +182,6 @@ class JobRecovery:
                 continue
             if record.status is not JobStatus.QUEUED:
                 self._jobs.drop_from_queued_index(job_id)
-                continue
-            if (record.rq_job_id or job_id) in in_line:
                 continue
             rq_job_id = f"{job_id}-{uuid.uuid4().hex[:8]}"
             if self._jobs.transition(
@@ -195,7 +197,7 @@ class JobRecovery:
         """Queue the handed-back jobs whose backoff is over (called under the sweep lock)."""
         released = []
         for raw in self._redis.zrangebyscore(self._delayed_key, "-inf", time.time()):
-            job_id = _text(raw)
+            job_id = text(raw)
             self._enqueue(job_id)  # first: a failure here leaves it for the next sweep
             self._redis.zrem(self._delayed_key, job_id)
             released.append(job_id)
@@ -220,7 +222,3 @@ class JobRecovery:
             error=JobErrorInfo(type=error.type_name(), title=error.title, detail=error.detail),
             progress={"stage": status.value, "step": 0, "total": 0},
         )  # fmt: skip
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,4 +1,4 @@
-"""One way to open the Redis connection from settings."""
+"""One way to open the Redis connection from settings, and to read what it answers."""
 
 from __future__ import annotations
 
@@ -19,3 +19,8 @@ def connect_redis(settings: Settings) -> Redis:
         socket_connect_timeout=settings.redis.socket_timeout_seconds,
         health_check_interval=30,
     )
+
+
+def text(value: object) -> str:
+    """A Redis reply value as text (redis-py answers bytes unless asked to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from redis import Redis
 
 from core.models import ModelName
+from core.redis_conn import text
 
 
 class WorkerState(StrEnum):
@@ -81,7 +82,7 @@ class WorkerRegistry:
     def live(self) -> list[WorkerInfo]:
         now = time.time()
         self._redis.zremrangebyscore(self._index, "-inf", now)
-        names = sorted(_text(n) for n in self._redis.zrangebyscore(self._index, now, "+inf"))
+        names = sorted(text(n) for n in self._redis.zrangebyscore(self._index, now, "+inf"))
         if not names:
             return []
         values = self._redis.mget([self._prefix + name for name in names])
@@ -89,7 +90,3 @@ class WorkerRegistry:
 
     def warm(self) -> list[WorkerInfo]:
         return [w for w in self.live() if w.state is not WorkerState.WARMING and w.models]
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
