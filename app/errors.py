@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
+from http import HTTPMethod, HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from core import errors
 
@@ -74,7 +75,7 @@ def problem_response(
 def problem_for(error: errors.SpaSemSRError, instance: str | None = None) -> JSONResponse:
     status = status_for(error)
     headers = None
-    if isinstance(error, errors.Overloaded):
+    if isinstance(error, errors.Overloaded | errors.DependencyUnavailable):
         headers = {"Retry-After": str(error.retry_after_seconds)}
     elif isinstance(error, errors.Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="spasemsr"'}
@@ -95,6 +96,27 @@ def problem_for(error: errors.SpaSemSRError, instance: str | None = None) -> JSO
         headers=headers,
         **extensions,
     )
+
+
+# What a route looks at to match a request; the framework's own per-request state stays out.
+_PROBE_KEYS = ("type", "http_version", "scheme", "server", "path", "raw_path", "headers")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of the app answers at the request's path.
+
+    The router stops at the first route whose path matches, so its own 405 names only that
+    route's methods (``GET`` for ``/v1/jobs/{id}``, which ``DELETE`` serves too). Each method
+    is tried against every route instead, through the routes' public ``matches``.
+    """
+    base = {key: request.scope[key] for key in _PROBE_KEYS if key in request.scope}
+    base["root_path"] = request.scope.get("app_root_path", request.scope.get("root_path", ""))
+    routes = request.app.router.routes
+    return [
+        method.value
+        for method in HTTPMethod
+        if any(route.matches({**base, "method": method.value})[0] is Match.FULL for route in routes)
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -127,13 +149,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = HTTPStatus(exc.status_code)
+        headers = dict(exc.headers) if exc.headers else {}
+        if status is HTTPStatus.METHOD_NOT_ALLOWED and (allowed := allowed_methods(request)):
+            headers["Allow"] = ", ".join(allowed)
         return problem_response(
             status,
             type_name=status.phrase.lower().replace(" ", "-"),
             title=status.phrase,
             detail=str(exc.detail) if exc.detail else status.description,
             instance=request.url.path,
-            headers=dict(exc.headers) if exc.headers else None,
+            headers=headers or None,
         )
 
     @app.exception_handler(RedisError)

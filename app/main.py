@@ -1,4 +1,5 @@
-"""The FastAPI application factory: ``uvicorn --factory app.main:create_app``."""
+"""The FastAPI application factory. ``python -m app.server`` serves it (with a deadline on
+request heads); ``uvicorn --factory app.main:create_app`` works too, without that deadline."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
 from app.web import web_router
-from core.limits import IdempotencyKeys, RateLimiter
+from core.limits import AuthFailures, IdempotencyKeys, RateLimiter
 from core.queue import JobQueue
 from core.records import JobStore
 from core.redis_conn import connect_redis
@@ -54,6 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = build_services(settings)
         app.state.services = services
+        app.state.auth_failures = AuthFailures(
+            services.redis,
+            prefix=settings.redis.key_prefix,
+            per_minute=settings.api.auth_failures_per_minute,
+        )
         logger.info("API ready (storage: %s)", settings.storage.backend)
         try:
             yield
@@ -73,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         UploadLimitMiddleware,
         max_body_bytes=settings.api.max_upload_bytes + MULTIPART_SLACK_BYTES,
         idle_timeout_seconds=settings.api.upload_idle_timeout_seconds,
+        deadline_seconds=settings.api.body_deadline_seconds,
     )
     # Prometheus (DESIGN 2.3): added last, so it is the outermost and times whole requests.
     app.state.metrics = metrics = ApiMetrics(lambda: getattr(app.state, "services", None))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from core.errors import (
     ModelNotServed,
     Overloaded,
     ResultGone,
+    StorageUnavailable,
     TooManyPixels,
     UploadTooLarge,
 )
@@ -40,6 +42,7 @@ from core.jobs import (
 )
 from core.limits import request_fingerprint
 from core.models import ModelName, default_model
+from core.queue import Admission
 from core.recovery import expire_if_stale
 from core.settings import Settings
 from core.webhooks import WebhookRefused, check_url
@@ -104,6 +107,19 @@ def _public(record: JobRecord, services: Services) -> JobPublic:
     )
 
 
+def _admission(services: ServicesDep) -> Iterator[Admission]:
+    """The request's place in its model's line, given back when the request ends if its job's
+    enqueue did not take it over (refused later, replayed, storage down)."""
+    admission = Admission(services.queue)
+    try:
+        yield admission
+    finally:
+        admission.release()
+
+
+AdmissionDep = Annotated[Admission, Depends(_admission)]
+
+
 @router.post(
     "/v1/jobs",
     status_code=status.HTTP_202_ACCEPTED,
@@ -119,6 +135,7 @@ async def create_job(
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
     form: Annotated[JobCreate, Form()],
     response: Response,
+    admission: AdmissionDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -149,9 +166,8 @@ async def create_job(
         )
     if form.webhook_url is not None:
         await run_in_threadpool(_check_webhook, form.webhook_url, settings)
-    _refuse_when_full(services, model)
-
     job_id = new_job_id()
+    await run_in_threadpool(_refuse_when_full, services, model, job_id, admission)
     if idempotency_key is not None:
         fingerprint = request_fingerprint(data, parameters.model_dump_json(), form.priority)
         earlier = services.idempotency.claim(
@@ -274,17 +290,15 @@ def _replay(job_id: str, services: Services, response: Response) -> JobPublic:
     return _public(services.jobs.get(job_id), services)
 
 
-def _refuse_when_full(services: Services, model: ModelName) -> None:
+def _refuse_when_full(
+    services: Services, model: ModelName, job_id: str, admission: Admission
+) -> None:
     """Backpressure per model: each model has its own queues and often its own worker pool, so
-    one stalled model (its pool down or still warming) must not refuse the others' uploads."""
+    one stalled model (its pool down or still warming) must not refuse the others' uploads.
+
+    The depth cap is hard: the place is reserved atomically (every API process together)
+    and held until the job is queued; the age limit is read, a softer signal."""
     api = services.settings.api
-    depths = services.queue.depths()
-    depth = sum(count for (name, _), count in depths.items() if name is model)
-    if depth >= api.max_queue_depth:
-        raise Overloaded(
-            f"{depth} {model.value} jobs are waiting (limit {api.max_queue_depth}); retry later.",
-            retry_after_seconds=api.retry_after_seconds,
-        )
     oldest = min(
         (
             stamp
@@ -301,6 +315,13 @@ def _refuse_when_full(services: Services, model: ModelName) -> None:
                 f"(limit {api.max_queue_age_seconds:.0f} s); retry later.",
                 retry_after_seconds=api.retry_after_seconds,
             )
+    depth = admission.reserve(model, job_id, cap=api.max_queue_depth)
+    if depth is not None:
+        raise Overloaded(
+            f"{depth} {model.value} jobs are waiting or being admitted "
+            f"(limit {api.max_queue_depth}); retry later.",
+            retry_after_seconds=api.retry_after_seconds,
+        )
 
 
 def _first_message(exc: ValidationError) -> str:
@@ -398,7 +419,10 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
     ):
         record = jobs.get(job_id)
         services.queue.cancel(record.rq_job_id or job_id)
-        services.storage.delete(record.input_key)
+        try:
+            services.storage.delete(record.input_key)
+        except StorageUnavailable:  # the job is canceled all the same; its input stays behind
+            logger.warning("could not delete the input of canceled job %s", job_id)
         if record.webhook_url:
             services.queue.enqueue_webhook(
                 job_id, retry_intervals=services.settings.webhooks.retry_intervals_seconds

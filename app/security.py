@@ -1,4 +1,8 @@
-"""Who is calling: API keys (stored hashed), job ownership, and per-client rate limits."""
+"""Who is calling: API keys (stored hashed), job ownership, and per-client rate limits.
+
+Failed key attempts are counted per client address (``AuthFailures``); an address over the
+limit is refused before its key is looked at, so guessing keys stalls.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from fastapi import Depends, Request
 from app.services import ServicesDep
 from core.errors import Forbidden, RateLimited, Unauthorized
 from core.jobs import JobRecord
-from core.limits import retry_after_header
+from core.limits import AuthFailures, retry_after_header
 from core.settings import ApiSettings
 
 
@@ -56,8 +60,33 @@ def identify(api: ApiSettings, presented: str | None) -> Principal:
     return Principal(name=match.name, admin=match.admin, authenticated=True)
 
 
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _auth_failures(request: Request) -> AuthFailures:
+    """The process's failure counter, built with the services in the lifespan."""
+    failures: AuthFailures = request.app.state.auth_failures
+    return failures
+
+
 def _principal(request: Request, services: ServicesDep) -> Principal:
-    return identify(services.settings.api, _presented_key(request))
+    presented = _presented_key(request)
+    if presented is None:  # nothing to guess with: not throttled, not counted
+        return identify(services.settings.api, None)
+    failures = _auth_failures(request)
+    address = client_address(request)
+    wait = failures.blocked_for(address)
+    if wait > 0:
+        raise RateLimited(
+            "Too many failed API-key attempts from this address; retry later.",
+            retry_after_seconds=retry_after_header(wait),
+        )
+    try:
+        return identify(services.settings.api, presented)
+    except Unauthorized:
+        failures.record_failure(address)
+        raise
 
 
 PrincipalDep = Annotated[Principal, Depends(_principal)]
@@ -72,7 +101,7 @@ def client_identity(principal: Principal, request: Request) -> str:
     """Rate limits apply per API key, or per client address when there is none."""
     if principal.authenticated:
         return f"key:{principal.name}"
-    return f"addr:{request.client.host if request.client else 'unknown'}"
+    return f"addr:{client_address(request)}"
 
 
 def enforce_rate_limit(request: Request, services: ServicesDep, principal: PrincipalDep) -> None:

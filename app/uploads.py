@@ -108,20 +108,27 @@ def _decode_fully(data: bytes, image_format: ImageFormat) -> None:
 
 
 class UploadLimitMiddleware:
-    """Guards request bodies while they stream in: a byte cap and an idle timeout.
+    """Guards request bodies while they stream in: a byte cap, an idle timeout and a deadline.
 
     A declared ``Content-Length`` over the cap is refused before reading anything; a body
     that grows past the cap (chunked, or lying about its length) is cut off as soon as it
-    does; a client that stops sending mid-body for ``idle_timeout_seconds`` gets a 408, so a
-    slow upload cannot hold a connection forever.
+    does; a client that stops sending mid-body for ``idle_timeout_seconds``, or has not sent
+    the whole body ``deadline_seconds`` after its headers (one byte now and then defeats an
+    idle timeout), gets a 408, so a slow upload cannot hold a connection forever.
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, idle_timeout_seconds: float = 30.0
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        idle_timeout_seconds: float = 30.0,
+        deadline_seconds: float = 120.0,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.idle_timeout_seconds = idle_timeout_seconds
+        self.deadline_seconds = deadline_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in {"POST", "PUT", "PATCH"}:
@@ -136,17 +143,18 @@ class UploadLimitMiddleware:
         body_done = False
         failure: ClientError | None = None
         response_started = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_seconds
 
         async def guarded_receive() -> Message:
             nonlocal received, body_done, failure
             if body_done:  # after the body, receive() waits for a disconnect: no timeout
                 return await receive()
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.idle_timeout_seconds)
+                message = await asyncio.wait_for(receive(), min(self.idle_timeout_seconds, left))
             except TimeoutError:
-                failure = UploadTimeout(
-                    f"No data for {self.idle_timeout_seconds:.0f} s in the middle of the upload."
-                )
+                failure = self._too_slow(overall=left <= self.idle_timeout_seconds)
                 raise failure from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -169,6 +177,15 @@ class UploadLimitMiddleware:
             await self.app(scope, guarded_receive, guarded_send)
         if failure is not None and not response_started:
             await self._answer(failure, scope, receive, send)
+
+    def _too_slow(self, *, overall: bool) -> UploadTimeout:
+        if overall:
+            return UploadTimeout(
+                f"The request body was not complete {self.deadline_seconds:g} s after its headers."
+            )
+        return UploadTimeout(
+            f"No data for {self.idle_timeout_seconds:.0f} s in the middle of the upload."
+        )
 
     def _too_large(self) -> str:
         return f"The request body is larger than the limit of {self.max_body_bytes} bytes."

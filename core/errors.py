@@ -135,6 +135,8 @@ class RateLimited(Overloaded):
 
 class DependencyUnavailable(SpaSemSRError):
     title = "Dependency unavailable"
+    retry_after_seconds: int = 5
+    """What a 503 tells clients to wait: outages of Redis or storage are usually short."""
 
 
 class QueueUnavailable(DependencyUnavailable):

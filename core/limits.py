@@ -48,6 +48,58 @@ class RateLimiter:
         return max(0.001, (1.0 - float(tokens)) / self._rate)
 
 
+# One fixed window per client, opened by its first failure: count it, and give the counter its
+# lifetime when it has none (a new window). One script, so concurrent API processes never
+# leave a counter without an expiry.
+_COUNT_FAILURE = """
+local count = redis.call('INCR', KEYS[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+AUTH_FAILURE_WINDOW_SECONDS = 60.0
+
+
+class AuthFailures:
+    """Failed API-key attempts per client address, so that guessing keys stalls.
+
+    After ``per_minute`` failures in a window (opened by the first of them), the address is
+    refused until the window is over, before its key is even looked at. Successful attempts
+    are not counted. ``per_minute=0`` turns it off.
+    """
+
+    def __init__(self, connection: Redis, *, prefix: str, per_minute: int) -> None:
+        self._redis = connection
+        self._prefix = f"{prefix}:auth-failures:"
+        self._limit = per_minute
+        self._count = connection.register_script(_COUNT_FAILURE)
+
+    @property
+    def enabled(self) -> bool:
+        return self._limit > 0
+
+    def _key(self, client: str) -> str:
+        return self._prefix + hashlib.sha256(client.encode()).hexdigest()[:32]
+
+    def blocked_for(self, client: str) -> float:
+        """Seconds until ``client`` may try a key again; 0 when it may now."""
+        if not self.enabled:
+            return 0.0
+        with self._redis.pipeline() as pipe:  # one transaction: the count and its lifetime
+            pipe.get(self._key(client))
+            pipe.pttl(self._key(client))
+            count, ttl_ms = pipe.execute()
+        if count is None or int(count) < self._limit:
+            return 0.0
+        # Only the script writes counters, always with a lifetime; one without: a full window.
+        return int(ttl_ms) / 1000 if int(ttl_ms) > 0 else AUTH_FAILURE_WINDOW_SECONDS
+
+    def record_failure(self, client: str) -> None:
+        if self.enabled:
+            window_ms = int(AUTH_FAILURE_WINDOW_SECONDS * 1000)
+            self._count(keys=[self._key(client)], args=[window_ms])
+
+
 def retry_after_header(seconds: float) -> int:
     return max(1, math.ceil(seconds))
 

@@ -3,6 +3,10 @@
 The API enqueues by the task's dotted name, so it never imports the worker (or torch). Queue
 names are ``<prefix>-<model>-<priority>`` (e.g. ``spasemsr-realesrgan-x4plus-high``), so a
 worker serves exactly the models it holds warm, and an autoscaler can read one model's queues.
+
+Admission to a model's line is atomic across API processes: ``reserve`` counts the model's
+queued jobs plus the places reserved by uploads still being stored, and reserves one only
+below the cap; the job's enqueue turns its place into its queue entry in one transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +31,25 @@ PRIORITY_ORDER = (Priority.HIGH, Priority.DEFAULT, Priority.LOW)
 
 QueueKey = tuple[ModelName, Priority]
 
+ADMISSION_HOLD_SECONDS = 60
+"""How long a reserved place waits for its job's enqueue: longer than storing any upload, and
+the most a crashed API process's places can hold back others."""
+
+# KEYS[1]: the model's reserved places (sorted set: job id -> expiry in ms, Redis clock, so API
+# hosts' clocks do not matter); KEYS[2..]: its RQ queue lists. ARGV: cap, job id, hold (ms).
+# One script: no other API process can count or reserve between our count and our reservation.
+_RESERVE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local depth = redis.call('ZCARD', KEYS[1])
+for i = 2, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+if depth >= tonumber(ARGV[1]) then return {0, depth} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, depth}
+"""
+
 
 def queue_name(prefix: str, model: ModelName, priority: Priority) -> str:
     return f"{prefix}-{model.value}-{priority.value}"
@@ -35,6 +58,8 @@ def queue_name(prefix: str, model: ModelName, priority: Priority) -> str:
 class JobQueue:
     def __init__(self, connection: Redis, *, prefix: str) -> None:
         self._redis = connection
+        self._prefix = prefix
+        self._reserve = connection.register_script(_RESERVE)
         self._queues: dict[QueueKey, Queue] = {
             (model, priority): Queue(
                 queue_name(prefix, model, priority),
@@ -99,8 +124,29 @@ class JobQueue:
         )
         if delay_seconds > 0:
             queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay_seconds))
-        else:
-            queue.enqueue_job(job)
+            return
+        with self._redis.pipeline() as pipe:  # MULTI: the entry replaces the job's reserved place
+            queue.enqueue_job(job, pipeline=pipe)
+            pipe.zrem(self._reservations_key(_model_of(payload)), payload.job_id)
+            pipe.execute()
+
+    def _reservations_key(self, model: ModelName) -> str:
+        return f"{self._prefix}:admission:{model.value}"
+
+    def reserve(self, model: ModelName, job_id: str, *, cap: int) -> int | None:
+        """Reserve a place in ``model``'s line for ``job_id`` if fewer than ``cap`` jobs are
+        queued or reserved (every priority, every API process); ``None`` when reserved, else
+        the depth that refused it. The job's ``enqueue`` (or ``release``) gives it back."""
+        keys = [self._queues[(model, p)].key for p in PRIORITY_ORDER]
+        admitted, depth = self._reserve(
+            keys=[self._reservations_key(model), *keys],
+            args=[cap, job_id, ADMISSION_HOLD_SECONDS * 1000],
+        )
+        return None if int(admitted) == 1 else int(depth)
+
+    def release(self, model: ModelName, job_id: str) -> None:
+        """Give back a place that will not be used (nothing happens once the job is queued)."""
+        self._redis.zrem(self._reservations_key(model), job_id)
 
     def position(self, job_id: str, model: ModelName, priority: Priority) -> int | None:
         """0-based place in line among the model's jobs: higher priorities go first."""
@@ -183,3 +229,23 @@ def _parse_stamp(stamp: object) -> datetime | None:
         return utcparse(text(stamp))
     except ValueError:
         return None
+
+
+class Admission:
+    """The place one request reserved in a line: given back when the request ends, unless the
+    job's enqueue already turned it into its queue entry."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self._queue = queue
+        self._held: tuple[ModelName, str] | None = None
+
+    def reserve(self, model: ModelName, job_id: str, *, cap: int) -> int | None:
+        depth = self._queue.reserve(model, job_id, cap=cap)
+        if depth is None:
+            self._held = (model, job_id)
+        return depth
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._queue.release(*self._held)
+            self._held = None

@@ -37,6 +37,12 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(default=20 * MiB, ge=1)
     upload_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     """A client silent this long in the middle of an upload gets 408."""
+    body_deadline_seconds: float = Field(default=120.0, gt=0)
+    """A request body not complete this long after its headers gets 408, however steadily it
+    trickles in."""
+    header_deadline_seconds: float = Field(default=30.0, gt=0)
+    """A connection that has not sent a complete request head this long after it opened (or
+    after its previous response) is closed (``app.server``)."""
     max_input_pixels: int = Field(default=2048 * 2048, ge=1)
     """Input pixel cap, checked from the image header before anything is decoded."""
     max_output_pixels: int = Field(default=8192 * 8192, ge=1)
@@ -52,6 +58,9 @@ class ApiSettings(BaseModel):
     rate_limit_per_minute: float = Field(default=600.0, ge=0)
     """Job submissions per client (API key, or address without one); 0 turns it off."""
     rate_limit_burst: int = Field(default=100, ge=1)
+    auth_failures_per_minute: int = Field(default=10, ge=0)
+    """Failed API-key attempts per client address in a minute; after that, requests from the
+    address that present a key get 429 until the minute is over. 0 turns it off."""
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     result_delivery: Literal["stream", "redirect"] = "stream"
     """``redirect`` sends clients to a presigned URL when the storage backend offers one."""
@@ -95,6 +104,15 @@ class WorkerSettings(BaseModel):
     max_attempts: int = Field(default=3, ge=1)
     """Workers a job may take down with it before it fails with ``worker-lost``."""
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    """First wait before a handed-back job is queued again; doubles with each hand-back."""
+    storage_retry_attempts: int = Field(default=5, ge=1)
+    """Tries of one storage read or write inside the job before it waits off the worker."""
+    storage_retry_first_wait_seconds: float = Field(default=0.5, ge=0)
+    """Wait after the first failed try; doubles with each further try."""
+    storage_wait_max_seconds: float = Field(default=60.0, gt=0)
+    """Longest wait of a job held back while storage is unavailable (the waits start at
+    ``retry_backoff_seconds`` and double); it is held until storage returns or its queue
+    time-to-live, counted from its acceptance, is over."""
     orphan_grace_seconds: float = Field(default=30.0, ge=0)
     """A queued job with no queue entry for this long (its worker stopped between taking it and
     starting it) is queued again by the recovery sweep."""
