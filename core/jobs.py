@@ -143,6 +143,9 @@ class JobRecord(BaseModel):
     worker: str | None = None
     attempts: int = 0
     """How many times a worker started this job (a worker that died counts)."""
+    storage_waits: int = 0
+    """How many times the job was held back because object storage was unavailable (these
+    hand-backs are no attempt; the count sets the next wait)."""
     rq_job_id: str | None = None
     """The queue entry of the current attempt (``None`` = the job id itself)."""
     owner: str | None = None

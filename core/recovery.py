@@ -15,6 +15,12 @@ that has been queued longer than ``orphan_grace_seconds`` and has no entry in an
 intermediate list, schedule or delay set is queued again under a fresh entry. If the worker
 was merely slow and starts the old entry after all, the new entry finds the job no longer
 queued and is skipped: at least once, never twice.
+
+A job whose worker finds object storage unavailable (after its short in-process retries) is
+handed back the same way, without counting an attempt, to wait in the delay set for
+``retry_backoff_seconds`` doubling per hand-back up to ``storage_wait_max_seconds``; it is
+held so until storage returns or its queue time-to-live (counted from its acceptance) is over,
+and then ends ``failed`` with ``storage-unavailable`` rather than being retried forever.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from typing import Any
 
 from redis import Redis
 
-from core.errors import JobCanceled, JobError, JobNotFound, QueueTimeout, WorkerLost
+from core.errors import (
+    JobCanceled,
+    JobError,
+    JobNotFound,
+    QueueTimeout,
+    SpaSemSRError,
+    StorageUnavailable,
+    WorkerLost,
+)
 from core.jobs import JobErrorInfo, JobRecord, JobStatus, payload_for, utcnow
 from core.queue import JobQueue
 from core.records import JobStore
@@ -51,9 +65,11 @@ def expire_if_stale(
     waited = (utcnow() - record.created_at).total_seconds()
     if waited <= ttl_seconds:
         return record
-    error = QueueTimeout(
+    error: JobError | StorageUnavailable = QueueTimeout(
         f"The job waited {waited:.0f} s in the queue, longer than its {ttl_seconds:.0f} s limit."
     )
+    if record.storage_waits:  # it waited for storage, not for a worker: say so
+        error = storage_deadline_error(ttl_seconds, record.storage_waits)
     if jobs.transition(
         record.id, from_statuses=[JobStatus.QUEUED], to=JobStatus.FAILED,
         finished_at=utcnow(),
@@ -62,8 +78,32 @@ def expire_if_stale(
     ):  # fmt: skip
         if queue is not None:  # a worker has already taken it off the queue
             queue.cancel(record.rq_job_id or record.id)
-        storage.delete(record.input_key)
+        try:
+            storage.delete(record.input_key)
+        except SpaSemSRError:  # storage may still be down: the job's outcome matters more
+            logger.warning("could not delete the input of expired job %s", record.id)
     return jobs.get(record.id)
+
+
+_MIN_STORAGE_WAIT_SECONDS = 0.5
+
+
+def storage_deadline_error(ttl_seconds: float, waits: int) -> StorageUnavailable:
+    """The error of a job whose deadline passed while object storage stayed unavailable (its
+    detail is shown to clients: no paths or internal error text)."""
+    held = f"; it was held back {waits} time(s) waiting for it" if waits else ""
+    return StorageUnavailable(
+        f"Object storage was unavailable until the job's deadline ({ttl_seconds:.0f} s after "
+        f"it was accepted){held}."
+    )
+
+
+def storage_wait_seconds(waits: int, *, first_seconds: float, max_seconds: float) -> float:
+    """Wait before a job held back by a storage outage is queued again: doubling per
+    hand-back, capped, and never zero (each try costs a worker its in-process retries)."""
+    first = max(first_seconds, _MIN_STORAGE_WAIT_SECONDS)
+    # min() on the exponent as well: 2**waits would overflow a float after ~1000 waits.
+    return float(min(max_seconds, first * 2 ** min(waits, 32)))
 
 
 class JobRecovery:
@@ -120,8 +160,21 @@ class JobRecovery:
         finally:
             self._redis.delete(self._lock_key)
 
-    def requeue(self, job_id: str, worker: str, *, reason: str, count_attempt: bool = True) -> None:
-        """Put a job that ``worker`` held back in line (or end it, see the module docstring)."""
+    def requeue(
+        self,
+        job_id: str,
+        worker: str,
+        *,
+        reason: str,
+        count_attempt: bool = True,
+        delay_seconds: float | None = None,
+        storage_wait: bool = False,
+    ) -> None:
+        """Put a job that ``worker`` held back in line (or end it, see the module docstring).
+
+        ``delay_seconds`` replaces the attempt backoff; ``storage_wait`` counts a hand-back
+        because storage was unavailable on the record (``storage_waits``).
+        """
         self.mark_done(job_id)
         record = self._jobs.get(job_id)
         if record.status is not JobStatus.PROCESSING or record.worker != worker:
@@ -147,19 +200,25 @@ class JobRecovery:
             "rq_job_id": rq_job_id,
             "progress": {"stage": "queued", "step": 0, "total": 0},
         }
+        if storage_wait:
+            fields["storage_waits"] = record.storage_waits + 1
+            fields["progress"] = {"stage": "waiting-for-storage", "step": 0, "total": 0}
         if not self._jobs.transition(
             job_id, from_statuses=[JobStatus.PROCESSING], to=JobStatus.QUEUED, held_by=worker,
             **fields,
         ):  # fmt: skip
             return
         delay = self._backoff_seconds * (2 ** max(0, attempt - 1)) if count_attempt else 0.0
+        if delay_seconds is not None:
+            delay = delay_seconds
         if delay > 0:
             # Held in our own delay set rather than RQ's scheduler: any live worker's sweep
             # releases it on time, even when the worker that held RQ's scheduler lock died.
             self._redis.zadd(self._delayed_key, {job_id: time.time() + delay})
         else:
             self._enqueue(job_id)
-        logger.warning("job %s requeued (%s; attempt %d)", job_id, reason, attempt)
+        logger.warning("job %s requeued (%s; attempt %d; in %.1f s)", job_id, reason, attempt,
+                       delay)  # fmt: skip
 
     def requeue_orphans(self) -> list[str]:
         """Queue again the queued jobs that no queue entry stands for any more (module doc)."""

@@ -9,8 +9,10 @@ its root (absolute, ``..``, backslashes, control characters) is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,6 +26,8 @@ from core.settings import Settings, StorageSettings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+logger = logging.getLogger(__name__)
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
@@ -55,44 +59,90 @@ def validate_key(key: str) -> str:
 
 
 class LocalStorage:
+    """Files under ``root``. A missing object is ``InputMissing``; every other file-system
+    failure (the folder unmounted, replaced, full, read-only...) is ``StorageUnavailable``,
+    which callers treat as "try again later" rather than as a fault of the job."""
+
     def __init__(self, root: Path) -> None:
         self._root = root.resolve()
-        self._root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            # A process may start during an outage: ``check`` and every call report it then.
+            logger.warning("storage folder %s is not usable yet", self._root, exc_info=True)
 
     def _path(self, key: str) -> Path:
         return self._root / validate_key(key)
 
+    def _root_usable(self) -> bool:
+        return self._root.is_dir() and os.access(self._root, os.R_OK | os.W_OK | os.X_OK)
+
+    def _unavailable(self, action: str) -> StorageUnavailable:
+        return StorageUnavailable(f"storage folder {self._root} refused the {action}")
+
     def put(self, key: str, data: bytes, *, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename so that readers never see a half-written object.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        # Never re-create a vanished root: that would hide the outage and make every object
+        # written before it look missing.
+        if not self._root_usable():
+            raise self._unavailable("write")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomically(path, data)
+        except OSError as exc:
+            raise self._unavailable("write") from exc
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError as exc:
+            # Checked after the failure: only a usable root makes "not there" mean missing.
+            if not self._root_usable():
+                raise self._unavailable("read") from exc
             raise InputMissing(f"object {key!r} is missing") from exc
+        except OSError as exc:
+            raise self._unavailable("read") from exc
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError as exc:
+            if not self._root_usable():  # the object may still exist where the root went
+                raise self._unavailable("delete") from exc
+        except OSError as exc:
+            raise self._unavailable("delete") from exc
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        try:
+            return stat.S_ISREG(path.stat().st_mode)
+        except FileNotFoundError as exc:
+            if not self._root_usable():
+                raise self._unavailable("lookup") from exc
+            return False
+        except OSError as exc:
+            raise self._unavailable("lookup") from exc
 
     def presigned_url(self, key: str) -> str | None:
         return None
 
     def check(self) -> None:
-        if not (self._root.is_dir() and os.access(self._root, os.W_OK)):
-            raise StorageUnavailable(f"storage folder {self._root} is not writable")
+        if not self._root_usable():
+            raise StorageUnavailable(f"storage folder {self._root} is not usable")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    # Write then rename so that readers never see a half-written object.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class S3Storage:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.timeouts import JobTimeoutException
 
 from core.errors import (
@@ -22,7 +24,8 @@ from core.errors import (
     UpscaleFailed,
 )
 from core.jobs import ImageInfo, JobErrorInfo, JobPayload, JobStatus, utcnow
-from core.recovery import expire_if_stale
+from core.recovery import expire_if_stale, storage_deadline_error, storage_wait_seconds
+from core.redis_conn import wait_for_redis
 from model.upscaler import UpscaleOptions
 from worker import devices, imaging
 from worker.metrics import current_metrics
@@ -47,7 +50,8 @@ class WorkerShuttingDown(Exception):
 def with_retries(
     operation: Callable[[], T], *, attempts: int = 5, first_wait_seconds: float = 0.5
 ) -> T:
-    """Storage hiccups are retried with exponential backoff before the job is failed."""
+    """Storage hiccups are retried with exponential backoff; a longer outage is left to the
+    caller (``JobRunner`` holds the job back off the worker until storage returns)."""
     for attempt in range(attempts):
         try:
             return operation()
@@ -105,6 +109,9 @@ class JobRunner:
                 return self._finish(JobStatus.CANCELED, began, error=JobCanceled())
             except WorkerShuttingDown:
                 return self._hand_back("the worker is shutting down", count_attempt=False)
+            except StorageUnavailable as exc:
+                # An outage is no fault of the job: it waits off the worker (not failed).
+                return self._hold_for_storage(exc, began)
             except JobTimeoutException:
                 limit = runtime.settings.worker.job_timeout_seconds
                 error = RunTimeout(f"The job ran longer than its {limit} s limit.")
@@ -113,6 +120,8 @@ class JobRunner:
                 return self._finish(JobStatus.FAILED, began, error=exc)
             except SpaSemSRError as exc:
                 return self._finish(JobStatus.FAILED, began, error=UpscaleFailed(exc.detail))
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                return self._hand_back_after_redis_outage(exc)
             except Exception as exc:
                 if devices.is_fatal_device_error(exc):
                     # The device is unusable: give the job back, and let the supervisor
@@ -148,18 +157,71 @@ class JobRunner:
         upscaler = self.runtime.upscalers.get(self.model)
         return None if upscaler is None else upscaler.card.trained
 
-    def _hand_back(self, reason: str, *, count_attempt: bool) -> dict[str, Any]:
+    def _hand_back(
+        self,
+        reason: str,
+        *,
+        count_attempt: bool,
+        delay_seconds: float | None = None,
+        storage_wait: bool = False,
+    ) -> dict[str, Any]:
         recovery = self.runtime.recovery
         if recovery is not None:
             recovery.requeue(self.job.job_id, self.runtime.name, reason=reason,
-                             count_attempt=count_attempt)  # fmt: skip
+                             count_attempt=count_attempt, delay_seconds=delay_seconds,
+                             storage_wait=storage_wait)  # fmt: skip
         return {"status": "requeued"}
+
+    def _hand_back_after_redis_outage(self, exc: Exception) -> dict[str, Any]:
+        """Redis went away mid-job (its progress or cancel check failed): wait for it, then
+        queue the job again, uncounted; nothing about the job itself went wrong. A stop
+        requested meanwhile leaves it to the recovery sweep of the workers that remain."""
+        logger.error("job %s: lost Redis (%s); waiting for it", self.job.job_id, exc)
+        if self.runtime.connection is None:
+            raise exc
+        wait_for_redis(self.runtime.connection, should_stop=self.runtime.stopping)
+        return self._hand_back("its worker lost its connection to Redis", count_attempt=False)
+
+    def _hold_for_storage(self, exc: StorageUnavailable, began: float) -> dict[str, Any]:
+        """Storage is still down after the in-process retries: the job goes back in line after
+        a growing wait, uncounted, until storage returns or its own deadline passes."""
+        logger.warning("job %s: %s", self.job.job_id, exc.detail)
+        worker = self.runtime.settings.worker
+        if self.runtime.recovery is None:  # nothing to hand it back to (unit tests)
+            error = StorageUnavailable("Object storage was unavailable.")
+            return self._finish(JobStatus.FAILED, began, error=error)
+        record = self.runtime.jobs.get(self.job.job_id)
+        remaining = record.created_at.timestamp() + worker.queue_ttl_seconds - time.time()
+        if remaining <= 0:
+            error = storage_deadline_error(worker.queue_ttl_seconds, record.storage_waits)
+            return self._finish(JobStatus.FAILED, began, error=error)
+        wait = storage_wait_seconds(
+            record.storage_waits,
+            first_seconds=worker.retry_backoff_seconds,
+            max_seconds=worker.storage_wait_max_seconds,
+        )
+        # Never past the deadline: the job is then picked up at once and ends with the
+        # storage error (``expire_if_stale``) instead of idling in the delay set.
+        return self._hand_back(
+            "object storage is unavailable",
+            count_attempt=False,
+            delay_seconds=min(wait, remaining),
+            storage_wait=True,
+        )
+
+    def _storage_call(self, operation: Callable[[], T]) -> T:
+        worker = self.runtime.settings.worker
+        return with_retries(
+            operation,
+            attempts=worker.storage_retry_attempts,
+            first_wait_seconds=worker.storage_retry_first_wait_seconds,
+        )
 
     def _process(self, tile_size: int) -> ImageInfo:
         storage = self.runtime.storage
         parameters = self.job.parameters
         with self._timed("read"):
-            decoded = imaging.decode(with_retries(lambda: storage.get(self.job.input_key)))
+            decoded = imaging.decode(self._storage_call(lambda: storage.get(self.job.input_key)))
             padded, original_size = imaging.pad_to_minimum(decoded.rgb)
         upscaler = self.runtime.upscaler_for(self.model)
         result = upscaler.upscale(padded, self._options(tile_size), on_progress=self._on_progress)
@@ -179,7 +241,9 @@ class JobRunner:
             )
             data = imaging.encode(image, parameters.output_format)
             media_type = parameters.output_format.media_type
-            with_retries(lambda: storage.put(self.job.output_key, data, content_type=media_type))
+            self._storage_call(
+                lambda: storage.put(self.job.output_key, data, content_type=media_type)
+            )
         return ImageInfo(
             width=image.width, height=image.height, format=parameters.output_format, bytes=len(data)
         )

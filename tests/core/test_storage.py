@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -47,6 +49,82 @@ def test_put_get_exists_delete_roundtrip(storage: ObjectStorage) -> None:
     with pytest.raises(InputMissing):
         storage.get("inputs/abc")
     storage.delete("inputs/abc")  # deleting twice is fine
+
+
+@contextmanager
+def replaced_by_a_file(root: Path) -> Iterator[Path]:
+    """A storage outage that holds even for root (tests run as root, so chmod would not do):
+    the folder is moved away and a regular file takes its place, then both are undone."""
+    away = root.with_name(root.name + ".away")
+    root.rename(away)
+    try:
+        root.write_bytes(b"not a folder")
+        yield away
+    finally:
+        root.unlink(missing_ok=True)
+        away.rename(root)
+
+
+def test_local_storage_outage_is_unavailable_not_missing(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    storage = LocalStorage(root)
+    storage.put("inputs/kept", b"before", content_type="image/png")
+    with replaced_by_a_file(root):
+        calls = {
+            "put": lambda: storage.put("inputs/new", b"x", content_type="image/png"),
+            "get": lambda: storage.get("inputs/kept"),
+            "get a missing key": lambda: storage.get("inputs/never-written"),
+            "delete": lambda: storage.delete("inputs/kept"),
+            "exists": lambda: storage.exists("inputs/kept"),
+            "check": storage.check,
+        }
+        for name, call in calls.items():
+            with pytest.raises(StorageUnavailable):
+                call()
+                pytest.fail(f"{name} did not raise")
+    assert storage.get("inputs/kept") == b"before"  # nothing was lost or re-created
+    assert not storage.exists("inputs/new")
+
+
+def test_a_vanished_root_is_unavailable_and_not_recreated(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    storage = LocalStorage(root)
+    storage.put("inputs/kept", b"before", content_type="image/png")
+    root.rename(tmp_path / "elsewhere")  # e.g. an unmounted volume
+    with pytest.raises(StorageUnavailable):
+        storage.get("inputs/kept")  # not InputMissing: the job must not fail for it
+    with pytest.raises(StorageUnavailable):
+        storage.delete("inputs/kept")
+    with pytest.raises(StorageUnavailable):
+        storage.put("inputs/new", b"x", content_type="image/png")
+    assert not root.exists()  # writing did not hide the outage behind a fresh, empty folder
+    (tmp_path / "elsewhere").rename(root)
+    assert storage.get("inputs/kept") == b"before"
+
+
+def test_other_file_system_errors_are_unavailable(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    (tmp_path / "store" / "inputs").write_bytes(b"a file where a folder belongs")
+    with pytest.raises(StorageUnavailable):
+        storage.put("inputs/a", b"x", content_type="image/png")
+    with pytest.raises(StorageUnavailable):
+        storage.get("inputs/a")
+    with pytest.raises(InputMissing):  # the root is fine: a missing object is just missing
+        storage.get("results/never-written.png")
+    assert not storage.exists("results/never-written.png")
+
+
+def test_local_storage_made_during_an_outage_works_once_it_is_back(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.write_bytes(b"not a folder")
+    storage = LocalStorage(root)  # a worker starting during the outage does not crash
+    with pytest.raises(StorageUnavailable):
+        storage.check()
+    root.unlink()
+    root.mkdir()
+    storage.check()
+    storage.put("inputs/a", b"x", content_type="image/png")
+    assert storage.get("inputs/a") == b"x"
 
 
 @pytest.mark.parametrize(

@@ -28,14 +28,10 @@ from core.jobs import (
     utcnow,
 )
 from core.models import ModelName
-from core.queue import JobQueue
-from core.records import JobStore
 from core.recovery import JobRecovery
 from core.settings import Settings
-from core.storage import LocalStorage
-from core.workers import WorkerRegistry
-from model.lanczos import LanczosUpscaler
 from tests.conftest import png_bytes
+from tests.worker.runtimes import in_process_runtime
 from worker.runtime import WorkerRuntime
 from worker.tasks import JobRunner
 
@@ -44,32 +40,10 @@ LANCZOS_DEFAULT = (ModelName.LANCZOS, Priority.DEFAULT)
 
 @pytest.fixture
 def runtime(settings: Settings, tmp_path: Path) -> WorkerRuntime:
-    connection = Redis.from_url(settings.redis.url or "")
-    jobs = JobStore(connection, prefix="spasemsr", ttl_seconds=600)
-    queue = JobQueue(connection, prefix="spasemsr")
-    registry = WorkerRegistry(connection, prefix="spasemsr")
-    return WorkerRuntime(
-        settings=settings,
-        name="survivor",
-        upscalers={ModelName.LANCZOS: LanczosUpscaler()},
-        storage=LocalStorage(tmp_path / "storage"),
-        jobs=jobs,
-        registry=registry,
-        warmup_seconds=0.0,
-        queue=queue,
-        recovery=JobRecovery(
-            connection,
-            prefix="spasemsr",
-            jobs=jobs,
-            queue=queue,
-            registry=registry,
-            max_attempts=3,
-            backoff_seconds=0,
-            job_timeout_seconds=60,
-            keep_seconds=600,
-            orphan_grace_seconds=0,
-        ),
-    )
+    return in_process_runtime(
+        settings, tmp_path / "storage", name="survivor", retry_backoff_seconds=0,
+        orphan_grace_seconds=0,
+    )  # fmt: skip
 
 
 def _accept(runtime: WorkerRuntime) -> JobRecord:
