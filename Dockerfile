@@ -22,7 +22,7 @@ ENV SPASEMSR_API__HOST=0.0.0.0 SPASEMSR_API__PORT=8000
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"
-CMD ["python", "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "-m", "app.server"]
 
 FROM ${CUDA_IMAGE} AS worker
 ARG TORCH_VERSION=2.8.0

@@ -216,17 +216,9 @@ def api(
     port: Annotated[int | None, typer.Option(help="Port.")] = None,
 ) -> None:
     """Run only the HTTP API (needs SPASEMSR_REDIS__URL)."""
-    import uvicorn
+    from app.server import run_api
 
-    from app.main import create_app
-
-    settings = Settings()
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.api.host,
-        port=port or settings.api.port,
-        log_level="info",
-    )
+    run_api(Settings(), host=host, port=port, log_level="info")
 
 
 @app.command(rich_help_panel="Run the service")

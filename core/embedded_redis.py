@@ -38,15 +38,25 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """Start with ``start()`` (or ``with``), stop with ``stop()``; ``url`` connects to it."""
 
-    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = True, own_session: bool = False
+    ) -> None:
         self.directory = directory.resolve()
         self.socket = self.directory / "redis.sock"
         self.appendonly = appendonly
+        # `serve` runs it in a session of its own: Ctrl-C in the terminal must not stop Redis
+        # before the workers that still need it to hand their jobs back.
+        self.own_session = own_session
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The running ``redis-server`` (``None`` before ``start`` and after ``stop``)."""
+        return self._process
 
     def start(self, timeout_seconds: float = 10.0) -> EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -66,7 +76,9 @@ class EmbeddedRedis:
             "--loglevel", "warning",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, start_new_session=self.own_session
+        )
         self._wait_until_ready(timeout_seconds)
         logger.info("embedded redis-server on %s", self.url)
         return self

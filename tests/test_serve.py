@@ -35,6 +35,7 @@ def test_serve_runs_the_demo_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as in a terminal
     )
     try:
         deadline = time.monotonic() + 120
@@ -69,9 +70,10 @@ def test_serve_runs_the_demo_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None
             assert time.monotonic() < deadline, "no new worker after the old one died"
             time.sleep(0.3)
     finally:
-        serve.send_signal(signal.SIGINT)
+        os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         output, _ = serve.communicate(timeout=60)
     assert serve.returncode == 0, output
+    assert "Traceback" not in output, output
     assert f"http://127.0.0.1:{port}" in output
     assert "SpaSemSR Serve stopped." in output
     assert not (var / "v" / "redis" / "redis.sock").exists()  # redis-server is gone too
@@ -90,3 +92,34 @@ def test_cli_help_and_unreachable_service_exit_codes() -> None:
     )  # fmt: skip
     assert refused.returncode == 3
     assert "cannot reach" in refused.stderr
+
+
+def test_a_second_ctrl_c_hands_the_running_job_back_and_exits_130(tmp_path: Path) -> None:
+    from core.embedded_redis import EmbeddedRedis
+    from tests.chaos.serve_harness import Serve, serve_env, submit
+    from tests.chaos.test_faults import slow_image
+
+    var_dir = tmp_path / "v"
+    serve = Serve(var_dir=var_dir, log_dir=tmp_path, env=serve_env(var_dir))
+    try:
+        serve.start()
+        assert serve.process is not None
+        with httpx.Client(base_url=serve.url, timeout=30) as client:
+            job_id = submit(client, slow_image(), scale="4")
+            deadline = time.monotonic() + 60
+            while client.get(f"/v1/jobs/{job_id}").json()["status"] != "processing":
+                assert time.monotonic() < deadline, serve.logs()
+                time.sleep(0.02)
+        os.killpg(serve.process.pid, signal.SIGINT)
+        time.sleep(0.3)
+        os.killpg(serve.process.pid, signal.SIGINT)
+        assert serve.process.wait(timeout=60) == 130, serve.logs()
+        assert "Traceback" not in serve.logs()
+        redis = EmbeddedRedis(var_dir / "redis").start()  # read what serve left in its AOF
+        try:
+            record = Redis.from_url(redis.url).hgetall(f"spasemsr:job:{job_id}")
+        finally:
+            redis.stop()
+        assert record[b"status"] == b'"queued"' and record[b"attempts"] == b"0", record
+    finally:
+        serve.kill_everything()

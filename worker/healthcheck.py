@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 import sys
 
+from redis.exceptions import RedisError
+
 from core.redis_conn import connect_redis
 from core.settings import Settings
 from core.workers import WorkerRegistry
@@ -18,7 +20,12 @@ def main() -> int:
     settings = Settings()
     registry = WorkerRegistry(connect_redis(settings), prefix=settings.redis.key_prefix)
     hostname = socket.gethostname()
-    return 0 if any(w.hostname == hostname for w in registry.warm()) else 1
+    try:
+        warm = registry.warm()
+    except RedisError as exc:  # a worker waiting for Redis to come back is not ready
+        print(f"not ready: Redis is unreachable ({exc})", file=sys.stderr)
+        return 1
+    return 0 if any(w.hostname == hostname for w in warm) else 1
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
@@ -19,7 +24,7 @@ from core.models import worker_models
 from core.queue import JobQueue
 from core.records import JobStore
 from core.recovery import JobRecovery
-from core.redis_conn import connect_redis
+from core.redis_conn import RedisUnreachable, connect_redis, wait_for_redis
 from core.settings import Settings
 from core.storage import build_storage
 from core.workers import WorkerInfo, WorkerRegistry, WorkerState
@@ -37,6 +42,9 @@ def default_worker_name() -> str:
 def run_worker(settings: Settings, *, burst: bool = False) -> None:
     """Serve jobs until stopped (SIGTERM/SIGINT finish the current job first)."""
     connection = connect_redis(settings)
+    # Started before Redis (a restart of the whole host, a supervisor bringing Redis back):
+    # wait for it rather than exit into a restart loop. SIGTERM still stops the process.
+    wait_for_redis(connection)
     prefix = settings.redis.key_prefix
     name = settings.worker.name or default_worker_name()
     registry = WorkerRegistry(connection, prefix=prefix)
@@ -80,6 +88,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
         registry=registry,
         warmup_seconds=warmup_seconds,
         queue=queue,
+        connection=connection,
         recovery=JobRecovery(
             connection,
             prefix=prefix,
@@ -97,23 +106,106 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
     runtime.announce()
     heartbeat = Heartbeat(runtime)
     heartbeat.start()
-    worker = ServingWorker(
-        runtime,
-        queue.queues_for(served, settings.worker.queues),
-        connection=connection,
-        serializer=JSONSerializer,
-        name=name,
-    )
+    die_with_this_process_on_fork()
     try:
-        # The scheduler re-enqueues delayed retries (webhook backoff, requeued jobs); RQ
-        # elects one scheduler per Redis among the workers.
-        worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        _take_jobs_until_stopped(
+            runtime,
+            lambda: ServingWorker(
+                runtime,
+                queue.queues_for(served, settings.worker.queues),
+                connection=connection,
+                serializer=JSONSerializer,
+                name=name,
+            ),
+            burst=burst,
+        )
     finally:
         heartbeat.stopped.set()
-        registry.remove(name)
+        _best_effort(lambda: registry.remove(name), "remove the worker's registry entry")
         metrics.mark_cold()
         metrics.stop()
         logger.info("worker %s stopped", name)
+
+
+MAX_RESUMES_PER_MINUTE = 5
+
+
+def _take_jobs_until_stopped(
+    runtime: WorkerRuntime, new_worker: Callable[[], ServingWorker], *, burst: bool
+) -> None:
+    """Run RQ's loop, and ride out a Redis outage instead of exiting.
+
+    RQ retries a lost connection while it waits for a job, but any other Redis call that fails
+    (its maintenance, the bookkeeping around a job, its teardown) ends ``work()``. Then this
+    waits for Redis, hands back the jobs this worker held (they were not at fault, so no
+    attempt is counted), and starts RQ's loop again. Repeated quick exits with Redis up are
+    a real fault: the process exits and its supervisor decides.
+    """
+    resumes: list[float] = []
+    while True:
+        worker = new_worker()
+        try:
+            # The scheduler re-enqueues delayed retries (webhook backoff); RQ elects one
+            # scheduler per Redis among the workers.
+            worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+            if burst or runtime.stopping():
+                return
+            logger.error("worker %s: RQ's loop ended unexpectedly", runtime.name)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if runtime.stopping():
+                return
+            logger.error("worker %s lost Redis: %s", runtime.name, exc)
+        now = time.monotonic()
+        resumes = [t for t in resumes if now - t < 60] + [now]
+        if len(resumes) > MAX_RESUMES_PER_MINUTE:
+            raise SystemExit(1)
+        try:
+            wait_for_redis(worker.connection, should_stop=runtime.stopping)
+        except RedisUnreachable:
+            return
+        _best_effort(worker.register_death, "mark the old RQ worker dead")
+        hand_back_held_jobs(runtime, reason="its worker lost its connection to Redis")
+        logger.info("worker %s: Redis is back; taking jobs again", runtime.name)
+
+
+def hand_back_held_jobs(runtime: WorkerRuntime, *, reason: str) -> list[str]:
+    """Queue again the jobs marked running on this worker (it is alive, so no sweep would)."""
+    recovery = runtime.recovery
+    if recovery is None:
+        return []
+    held = [job_id for job_id, holder in recovery.running().items() if holder == runtime.name]
+    for job_id in held:
+        recovery.requeue(job_id, runtime.name, reason=reason, count_attempt=False)
+    return held
+
+
+def _best_effort(action: Callable[[], object], what: str) -> None:
+    try:
+        action()
+    except (RedisConnectionError, RedisTimeoutError):
+        logger.warning("could not %s: Redis is unreachable", what)
+
+
+def die_with_this_process_on_fork() -> None:
+    """RQ forks its scheduler; make every such child die when this process does.
+
+    Without it, a worker killed with SIGKILL leaves its scheduler child running with parent 1,
+    holding the scheduler lock for a worker that no longer exists. Linux only (prctl); a
+    no-op elsewhere.
+    """
+    if sys.platform.startswith("linux"):
+        parent = os.getpid()
+        os.register_at_fork(after_in_child=lambda: _ask_for_parent_death_signal(parent))
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _ask_for_parent_death_signal(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServingWorker(SimpleWorker):

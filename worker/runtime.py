@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from redis import Redis
+
 from core.errors import ModelNotServed
 from core.jobs import SCALES, utcnow
 from core.models import ModelName
@@ -44,6 +46,8 @@ class WorkerRuntime:
     """Where follow-up work (webhook deliveries) is queued; ``None`` in unit tests."""
     recovery: JobRecovery | None = None
     """Marks running jobs and hands back those of dead workers; ``None`` in unit tests."""
+    connection: Redis | None = None
+    """The worker's Redis connection, to wait on through an outage; ``None`` in unit tests."""
     shutdown_deadline: float | None = None
     state: WorkerState = WorkerState.IDLE
     started_at: datetime = field(default_factory=utcnow)
@@ -64,6 +68,10 @@ class WorkerRuntime:
         deadline = time.monotonic() + grace
         if self.shutdown_deadline is None or deadline < self.shutdown_deadline:
             self.shutdown_deadline = deadline
+
+    def stopping(self) -> bool:
+        """A stop was requested (the current job may still be within its grace period)."""
+        return self.shutdown_deadline is not None
 
     def shutdown_due(self) -> bool:
         return self.shutdown_deadline is not None and time.monotonic() >= self.shutdown_deadline
