@@ -17,6 +17,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import SimpleWorker
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from core.jobs import utcnow
@@ -25,12 +26,14 @@ from core.queue import JobQueue
 from core.records import JobStore
 from core.recovery import JobRecovery
 from core.redis_conn import RedisUnreachable, connect_redis, wait_for_redis
+from core.secrets_check import refuse_placeholder_api_keys
 from core.settings import Settings
 from core.storage import build_storage
 from core.workers import WorkerInfo, WorkerRegistry, WorkerState
 from worker.engine import load_upscalers
 from worker.metrics import WorkerMetrics, install_metrics
 from worker.runtime import Heartbeat, WorkerRuntime, install_runtime
+from worker.tasks import JobFailedRecorded
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,8 @@ def default_worker_name() -> str:
 
 def run_worker(settings: Settings, *, burst: bool = False) -> None:
     """Serve jobs until stopped (SIGTERM/SIGINT finish the current job first)."""
+    # The worker shares the API's secret: a placeholder key there stops it too (exits 1).
+    refuse_placeholder_api_keys(settings.api)
     connection = connect_redis(settings)
     # Started before Redis (a restart of the whole host, a supervisor bringing Redis back):
     # wait for it rather than exit into a restart loop. SIGTERM still stops the process.
@@ -229,6 +234,14 @@ class ServingWorker(SimpleWorker):
 
     def _hand_back_now(self, signum: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown(immediately=True)
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        # A failure the job runner has recorded is an outcome, not a crash: one line, no
+        # traceback (RQ logs every exception with its traceback).
+        if isinstance(exc_info[1], JobFailedRecorded):
+            logger.info("RQ job %s recorded as failed (%s)", job.id, exc_info[1])
+            return
+        super().handle_exception(job, *exc_info)
 
 
 __all__ = ["run_worker"]

@@ -34,10 +34,19 @@ from worker.runtime import WorkerRuntime, current_runtime
 logger = logging.getLogger(__name__)
 
 
+class JobFailedRecorded(Exception):
+    """The job failed and its record says why; raised so that RQ records the failure too
+    (its failed-job registry and ``failure_ttl``), rather than a job that finished."""
+
+
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     job = JobPayload.model_validate(payload)
     runtime = current_runtime()
-    return JobRunner(runtime, job).run()
+    outcome = JobRunner(runtime, job).run()
+    if outcome["status"] == JobStatus.FAILED.value:
+        error = runtime.jobs.get(job.job_id).error
+        raise JobFailedRecorded(f"{error.type}: {error.detail}" if error else "failed")
+    return outcome
 
 
 T = TypeVar("T")
