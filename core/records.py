@@ -120,9 +120,6 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self._redis.hget(self._key(job_id), CANCEL_FIELD) is not None
 
-    def clear_cancel(self, job_id: str) -> None:
-        self._redis.hdel(self._key(job_id), CANCEL_FIELD)
-
     def delete(self, job_id: str) -> None:
         with self._redis.pipeline() as pipe:
             pipe.delete(self._key(job_id))

@@ -12,12 +12,9 @@ work on ``(B, C, H, W)`` tensors in any consistent range:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-ColorFixMode = Literal["none", "adain", "wavelet"]
 COLOR_FIX_MODES: tuple[str, ...] = ("none", "adain", "wavelet")
 
 

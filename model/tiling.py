@@ -46,15 +46,6 @@ class Tile:
             self.top * factor, self.left * factor, self.height * factor, self.width * factor
         )
 
-    def normalised_box(self, height: int, width: int) -> Box:
-        """This tile as ``(x_lu, y_lu, x_rb, y_rb)`` in [0, 1] of a ``height x width`` grid."""
-        return (
-            self.left / width,
-            self.top / height,
-            (self.left + self.width) / width,
-            (self.top + self.height) / height,
-        )
-
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
     """Start offsets of tiles of size ``tile`` covering ``[0, length)`` with at least ``overlap``

@@ -200,11 +200,6 @@ class SpaSemSRUNetAttention(ModelMixin, ConfigMixin):  # type: ignore[misc]  # d
             )
         unet.set_attn_processor(processors)
 
-    @staticmethod
-    def uninstall(unet: UNet2DConditionModel) -> None:
-        """Give ``unet`` back diffusers' default processors."""
-        unet.set_attn_processor(AttnProcessor2_0())
-
 
 def unet_with_control(
     unet: UNet2DConditionModel,

@@ -130,12 +130,9 @@ def _performance(settings: Settings, device: str) -> PerformanceSettings | None:
     return performance
 
 
-def _load_grounder(settings: Settings, device: str, dtype: torch.dtype) -> Grounder | None:
-    try:
-        from model.grounding import SpaSemSRGrounder, ensure_demo_grounder
-    except ImportError:
-        logger.warning("grounding stage not available: the pipeline uses its default prompt")
-        return None
+def _load_grounder(settings: Settings, device: str, dtype: torch.dtype) -> Grounder:
+    from model.grounding import SpaSemSRGrounder, ensure_demo_grounder
+
     path = settings.model.grounder_path or ensure_demo_grounder(
         settings.var_dir / "models" / "grounder-tiny"
     )
