@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -21,6 +23,54 @@ from core.embedded_redis import EmbeddedRedis
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every process the suite starts inherits this mark, so that the end of the run can find any
+# left running, even one whose parent died and left it to init (a killed `serve`'s children).
+SESSION_MARK = "SPASEMSR_TEST_SESSION"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ[SESSION_MARK] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No process of this run may outlive it: report and kill any that did, and fail."""
+    leftovers = _processes_of_this_session()
+    if not leftovers:
+        return
+    _, leftovers = psutil.wait_procs(leftovers, timeout=5)  # some are still shutting down
+    if not leftovers:
+        return
+    names = [f"{p.pid} {' '.join(_command_of(p))[:120]}" for p in leftovers]
+    for process in leftovers:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    print(
+        f"\n{len(names)} process(es) of the suite were left running (killed now):", file=sys.stderr
+    )
+    for name in names:
+        print(f"  {name}", file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _processes_of_this_session() -> list[psutil.Process]:
+    mark = os.environ.get(SESSION_MARK)
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
+    found = []
+    for process in psutil.process_iter():
+        if process.pid in ours:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(SESSION_MARK) == mark and process.status() != "zombie":
+                found.append(process)
+    return found
+
+
+def _command_of(process: psutil.Process) -> list[str]:
+    try:
+        return list(process.cmdline())
+    except psutil.Error:
+        return ["?"]
 
 
 @pytest.fixture
