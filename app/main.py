@@ -19,6 +19,7 @@ from core.limits import AuthFailures, IdempotencyKeys, RateLimiter
 from core.queue import JobQueue
 from core.records import JobStore
 from core.redis_conn import connect_redis
+from core.secrets_check import refuse_unusable_api_keys
 from core.settings import Settings
 from core.storage import build_storage
 from core.workers import WorkerRegistry
@@ -50,6 +51,8 @@ def build_services(settings: Settings) -> Services:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    # Before anything is built or bound: a placeholder key must never serve (exits 1).
+    refuse_unusable_api_keys(settings.api)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

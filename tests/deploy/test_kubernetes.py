@@ -1,5 +1,6 @@
-"""The Kustomize base: objects, images, ports, probes, GPUs, secrets and KEDA autoscaling,
-cross-checked against the code (route paths, settings, models, RQ queue keys).
+"""The Kustomize base and its production overlay: objects, images, ports, probes, GPUs,
+secrets, weights, grace periods and KEDA autoscaling, cross-checked against the code (route
+paths, settings, models, RQ queue keys, the placeholder refusal).
 
 The workers run in pools (``worker-pools/``), one Deployment and one KEDA ScaledObject each:
 a pool holds the models of its ``SPASEMSR_WORKER__MODELS`` and scales on exactly the queues
@@ -8,9 +9,11 @@ of those models, whose keys are computed here from ``core.queue`` so that they c
 
 from __future__ import annotations
 
+import base64
 import copy
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +22,27 @@ from redis import Redis
 
 from app.main import create_app
 from app.metrics import route_template
+from cli.serve import HAND_BACK_MARGIN_SECONDS
 from core.jobs import Priority
 from core.models import ALL_MODELS, ModelName, default_model, worker_models
 from core.queue import JobQueue
+from core.secrets_check import RefusedToStart, refuse_placeholder_api_keys
 from core.settings import Settings
-from tests.deploy.conftest import KUSTOMIZE_BASE
-
-Objects = dict[tuple[str, str], dict[str, Any]]
+from tests.conftest import ROOT
+from tests.deploy.conftest import (
+    KUBERNETES,
+    KUSTOMIZE_BASE,
+    PRODUCTION,
+    SECRET_NAME,
+    SECRETS_ENV,
+    Objects,
+    by_kind_and_name,
+    load_documents,
+    read_env_file,
+    render_kustomization,
+    setting_variables,
+    without_name_hashes,
+)
 
 
 def _container(objects: Objects, kind: str, name: str) -> dict[str, Any]:
@@ -49,11 +66,18 @@ DEDICATED_POOLS = {
 }
 
 
+def _secret_env(objects: Objects) -> dict[str, str]:
+    data = objects[("Secret", SECRET_NAME)]["data"]
+    return {key: base64.b64decode(value).decode() for key, value in data.items()}
+
+
 def _config_env(objects: Objects) -> dict[str, str]:
-    return {
-        **objects[("ConfigMap", "spasemsr-config")]["data"],
-        **objects[("Secret", "spasemsr-storage")]["stringData"],
-    }
+    return {**objects[("ConfigMap", "spasemsr-config")]["data"], **_secret_env(objects)}
+
+
+def _image_name(container: dict[str, Any]) -> str:
+    name: str = container["image"].partition(":")[0]
+    return name
 
 
 def _pool_names(objects: Objects) -> list[str]:
@@ -94,7 +118,8 @@ def test_base_has_every_object(objects_kinds: set[tuple[str, str]]) -> None:
     assert {
         ("Namespace", "spasemsr"),
         ("ConfigMap", "spasemsr-config"),
-        ("Secret", "spasemsr-storage"),
+        ("Secret", SECRET_NAME),
+        ("PersistentVolumeClaim", "spasemsr-weights"),
         ("Service", "redis"),
         ("StatefulSet", "redis"),
         ("Service", "api"),
@@ -142,7 +167,7 @@ def test_services_select_their_pods_and_ports(k8s_objects: Objects) -> None:
 
 def test_api_deployment(k8s_objects: Objects, kustomization: dict[str, Any]) -> None:
     container = _container(k8s_objects, "Deployment", "spasemsr-api")
-    assert container["image"] == "spasemsr-api"
+    assert _image_name(container) == "spasemsr-api"
     assert "spasemsr-api" in {image["name"] for image in kustomization["images"]}
     assert _ports(container) == {"http": 8000}
     app = create_app(Settings())
@@ -163,7 +188,7 @@ def test_api_deployment(k8s_objects: Objects, kustomization: dict[str, Any]) -> 
     assert served(annotations["prometheus.io/path"])
     assert not served("/no-such-path")
     refs = {next(iter(ref.values()))["name"] for ref in container["envFrom"]}
-    assert refs == {"spasemsr-config", "spasemsr-storage"}
+    assert refs == {"spasemsr-config", SECRET_NAME}
 
 
 @pytest.fixture(params=sorted(DEDICATED_POOLS))
@@ -176,7 +201,7 @@ def test_worker_pool_has_a_gpu_probes_and_metrics(k8s_objects: Objects, pool: st
     deployment = k8s_objects[("Deployment", pool)]
     pod = deployment["spec"]["template"]
     container = _container(k8s_objects, "Deployment", pool)
-    assert container["image"] == "spasemsr-worker"
+    assert _image_name(container) == "spasemsr-worker"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     config = k8s_objects[("ConfigMap", "spasemsr-config")]["data"]
     assert _ports(container)["metrics"] == int(config["SPASEMSR_WORKER__METRICS_PORT"]) == 9100
@@ -304,21 +329,205 @@ def test_keda_scales_each_pool_on_exactly_its_models_queues(
     assert len(every_key) == len(set(every_key))  # no queue scales two pools
 
 
-def test_kustomize_builds_the_base(k8s_objects: Objects) -> None:
-    """`kubectl kustomize` renders the same objects that the tests above read."""
+# --- rendering: kubectl builds what these tests read -----------------------------------------
+
+
+def _kubectl() -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl not installed: the base is checked as parsed YAML only")
-    built = subprocess.run(
-        [kubectl, "kustomize", str(KUSTOMIZE_BASE)],
+        pytest.skip("kubectl not installed: the kustomizations are rendered by conftest.py only")
+    return kubectl
+
+
+def _kubectl_kustomize(directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_kubectl(), "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def _unwrapped_secret_data(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """kubectl folds long base64 values over lines; the bytes are the same."""
+    for obj in objects:
+        if obj["kind"] == "Secret":
+            obj["data"] = {k: "".join(v.split()) for k, v in obj.get("data", {}).items()}
+    return objects
+
+
+@pytest.mark.parametrize("which", ["base", "production"])
+def test_kubectl_kustomize_renders_the_objects_the_tests_read(
+    which: str, production_dir: Path
+) -> None:
+    directory = KUSTOMIZE_BASE if which == "base" else production_dir
+    built = _kubectl_kustomize(directory)
     assert built.returncode == 0, built.stderr
     rendered = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
-    assert {(doc["kind"], doc["metadata"]["name"]) for doc in rendered} == set(k8s_objects)
+    theirs = by_kind_and_name(_unwrapped_secret_data(without_name_hashes(rendered, {SECRET_NAME})))
+    assert theirs == by_kind_and_name(render_kustomization(directory))
     for doc in rendered:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "spasemsr", doc["metadata"]["name"]
+    if which == "production":
+        # The generated name carries a hash of the content: a changed secrets.env rolls the
+        # pods that read it, and every reference follows the name.
+        (secret,) = [doc["metadata"]["name"] for doc in rendered if doc["kind"] == "Secret"]
+        assert secret.startswith(f"{SECRET_NAME}-") and secret in built.stdout.split()
+
+
+# --- secrets: none in the repository, the operator's own or a refusal -----------------------
+
+
+def _pod_specs(objects: Objects) -> list[dict[str, Any]]:
+    return [
+        obj["spec"]["template"]["spec"]
+        for obj in objects.values()
+        if "template" in obj.get("spec", {})
+    ]
+
+
+def test_the_base_ships_no_credentials(base_objects: Objects) -> None:
+    assert [key for key in base_objects if key[0] == "Secret"] == []
+    readers = 0
+    for pod in _pod_specs(base_objects):
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    readers += 1
+                    # Not optional: a pod never starts without the operator's secret.
+                    assert source["secretRef"] == {"name": SECRET_NAME}
+    assert readers == 1 + len(_pool_names(base_objects))  # the API and every pool
+
+
+def test_the_overlay_generates_the_secret_from_the_operators_file(
+    kustomization: dict[str, Any],
+) -> None:
+    overlay = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../../base"]
+    assert overlay["namespace"] == kustomization["namespace"]  # beside the pods that read it
+    assert overlay["secretGenerator"] == [{"name": SECRET_NAME, "envs": [SECRETS_ENV]}]
+    assert not overlay.get("generatorOptions", {}).get("disableNameSuffixHash")
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: cannot ask git whether secrets.env is ignored")
+    path = str((PRODUCTION / SECRETS_ENV).relative_to(ROOT))
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, f"{path} must be ignored by git"
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True, check=False
+    )
+    assert tracked.returncode != 0, f"{path} is committed"
+
+
+def test_the_overlay_does_not_build_without_the_operators_secrets(tmp_path: Path) -> None:
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(KUBERNETES, copy, ignore=shutil.ignore_patterns(SECRETS_ENV))
+    built = _kubectl_kustomize(copy / PRODUCTION.relative_to(KUBERNETES))
+    assert built.returncode != 0
+    assert SECRETS_ENV in built.stderr
+
+
+def test_the_example_secrets_are_refused_at_start_up(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copied unchanged, the example still cannot serve: its key is a placeholder."""
+    example = read_env_file(PRODUCTION / "secrets.env.example")
+    assert set(example) == set(_secret_env(k8s_objects))  # it shows every value to set
+    with monkeypatch.context() as patch:
+        for key, value in example.items():
+            patch.setenv(key, value)
+        settings = Settings()
+    with pytest.raises(RefusedToStart, match="change-me"):
+        refuse_placeholder_api_keys(settings.api)
+
+
+def test_every_variable_is_a_setting(k8s_objects: Objects) -> None:
+    names = set(_config_env(k8s_objects))
+    names |= set(read_env_file(PRODUCTION / "secrets.env.example"))
+    for pod in _pod_specs(k8s_objects):
+        for container in pod["containers"]:
+            names |= {e["name"] for e in container.get("env", [])}
+    assert names <= setting_variables(), names - setting_variables()
+
+
+# --- workers: weights, data folder, grace period, one per GPU -------------------------------
+
+
+def _volume_mount(pod: dict[str, Any], predicate: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The one volume of the pod that ``predicate`` accepts, and its mount in the container."""
+    (volume,) = [v for v in pod["volumes"] if predicate(v)]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    return volume, mount
+
+
+def test_workers_read_the_weights_from_the_weights_volume(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claim = k8s_objects[("PersistentVolumeClaim", "spasemsr-weights")]["spec"]
+    # Every worker pod on every node mounts it.
+    assert set(claim["accessModes"]) & {"ReadWriteMany", "ReadOnlyMany"}
+    for pool in _pool_names(k8s_objects):
+        pod = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"]
+        volume, mount = _volume_mount(
+            pod, lambda v: v.get("persistentVolumeClaim", {}).get("claimName") == "spasemsr-weights"
+        )
+        assert mount["readOnly"] is True and volume["persistentVolumeClaim"]["readOnly"] is True
+        settings = _pool_settings(k8s_objects, pool, monkeypatch)
+        assert settings.model.path is not None
+        assert settings.model.path.is_relative_to(mount["mountPath"]), pool
+    # The SpaSemSR pool serves the pipeline on that volume, never the untrained demo one.
+    spasemsr = _pool_settings(k8s_objects, "spasemsr-worker-spasemsr", monkeypatch)
+    assert ModelName.SPASEMSR in worker_models(spasemsr) and spasemsr.model.path is not None
+
+
+def test_the_workers_data_folder_is_a_writable_volume(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for pool in _pool_names(k8s_objects):
+        pod = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"]
+        _, mount = _volume_mount(pod, lambda v: "emptyDir" in v)
+        assert not mount.get("readOnly")
+        assert _pool_settings(k8s_objects, pool, monkeypatch).var_dir == Path(mount["mountPath"])
+
+
+def test_the_pod_grace_period_is_the_workers_own_plus_the_hand_back(
+    k8s_objects: Objects, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes kills a pod terminationGracePeriodSeconds after SIGTERM. The worker lets its
+    job run shutdown_grace_seconds, then hands it back at its next step: the pod's grace must
+    cover both, and no more than a step's margin beyond them, or every rollout requeues jobs
+    that were allowed to finish (or waits for nothing)."""
+    for pool in _pool_names(k8s_objects):
+        grace = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"][
+            "terminationGracePeriodSeconds"
+        ]
+        shutdown = _pool_settings(k8s_objects, pool, monkeypatch).worker.shutdown_grace_seconds
+        assert HAND_BACK_MARGIN_SECONDS <= grace - shutdown <= 120, (pool, grace, shutdown)
+
+
+def test_one_worker_process_per_gpu(k8s_objects: Objects) -> None:
+    assert (ROOT / "worker" / "__main__.py").exists()  # `python -m worker`: one process
+    for pool in _pool_names(k8s_objects):
+        pod = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        container = _container(k8s_objects, "Deployment", pool)  # the only container
+        assert container["command"] == ["python", "-m", "worker"]
+        resources = container["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == 1
+        assert resources.get("requests", {}).get("nvidia.com/gpu", 1) == 1
+
+
+def test_the_weights_loader_fills_the_workers_volume_as_their_user(k8s_objects: Objects) -> None:
+    (loader,) = load_documents(KUBERNETES / "weights-loader.yaml")
+    assert loader["metadata"]["namespace"] == "spasemsr"
+    (volume,) = loader["spec"]["volumes"]
+    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in k8s_objects
+    (mount,) = loader["spec"]["containers"][0]["volumeMounts"]
+    assert not mount.get("readOnly")  # the one writer
+    for pool in _pool_names(k8s_objects):
+        workers = k8s_objects[("Deployment", pool)]["spec"]["template"]["spec"]
+        assert (
+            loader["spec"]["securityContext"]["runAsUser"]
+            == workers["securityContext"]["runAsUser"]
+        )
