@@ -87,8 +87,26 @@ def describe(job: Job) -> str:
             return f"{progress.stage} {progress.step}/{progress.total}"
         return progress.stage
     if job.error is not None:
-        return f"{status.value}: {job.error.title}: {job.error.detail}"
+        return ": ".join(distinct_parts(status.value, job.error.title, job.error.detail))
     return status.value
+
+
+def _gist(text: str) -> str:
+    """What a part says, for comparison: ``Job canceled.`` says what ``canceled`` says."""
+    return text.strip().lower().rstrip(".!").removeprefix("job ").strip()
+
+
+def distinct_parts(*parts: str) -> list[str]:
+    """The non-empty parts that say something the earlier ones did not, in order (a canceled
+    job reads ``canceled``, not ``canceled: Job canceled: Job canceled``)."""
+    kept: list[str] = []
+    said: set[str] = set()
+    for part in parts:
+        gist = _gist(part)
+        if gist and gist not in said:
+            kept.append(part.strip())
+            said.add(gist)
+    return kept
 
 
 class Reporter(Protocol):

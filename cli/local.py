@@ -9,6 +9,7 @@ local result matches what the service would return for the same parameters.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,30 @@ FORMAT_BY_SUFFIX = {
     ".jpeg": ImageFormat.JPEG,
     ".webp": ImageFormat.WEBP,
 }
+
+
+CACHE_FOLDER = "spasemsr"
+
+
+def user_data_dir() -> Path:
+    """The per-user data directory of the commands that run models on this machine:
+    ``$XDG_CACHE_HOME/spasemsr``, else ``~/.cache/spasemsr``. Everything in it (converted
+    Real-ESRGAN weights, the tiny demo pipeline) is rebuilt when missing."""
+    cache_home = os.environ.get("XDG_CACHE_HOME", "").strip()
+    # XDG: a relative value is invalid and must be ignored.
+    base = Path(cache_home) if cache_home and Path(cache_home).is_absolute() else None
+    return (base or Path.home() / ".cache") / CACHE_FOLDER
+
+
+def offline_settings() -> Settings:
+    """The settings of ``upscale`` and ``eval``: ``SPASEMSR_VAR_DIR`` when it is set, else the
+    per-user data directory, so that running a model never leaves a ``var/`` folder in whatever
+    folder the command was started from. (``serve``, ``api`` and ``worker`` keep the service's
+    own default, ``var/``.)"""
+    settings = Settings()
+    if "var_dir" not in settings.model_fields_set:
+        settings.var_dir = user_data_dir()
+    return settings
 
 
 class LocalInputError(Exception):

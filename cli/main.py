@@ -245,8 +245,15 @@ def submit(
         ),
     ],
     out_dir: Annotated[
-        Path, typer.Option("--out-dir", "-d", help="Where results go: <name>.x<scale>.<ext>.")
-    ] = Path(),
+        Path | None,
+        typer.Option(
+            "--out",
+            "--out-dir",
+            "-d",
+            show_default=False,
+            help="Folder for the results, named like photo.x4.png (default: beside each input).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Exact result path (one input only).")
     ] = None,
@@ -300,30 +307,42 @@ def submit(
     except remote.InputError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from exc
     if output is not None and len(sources) != 1:
-        raise _fail("--output takes exactly one input; use --out-dir for several", ExitCode.USAGE)
+        raise _fail("--output takes exactly one input; use --out for several", ExitCode.USAGE)
     given = _job_options(
         scale=scale, steps=steps, guidance_scale=guidance_scale, seed=seed, color_fix=color_fix,
         scheduler=scheduler, tile_size=tile_size, tags=tags, caption=caption,
     )  # fmt: skip
     _check_parameters(given)
     options: JobOptions = {**given, **_present(output_format=output_format, priority=priority)}  # type: ignore[typeddict-item]
+    if wait and download:
+        _make_folder(output.parent if output is not None else out_dir)
     items = [Tracked(source) for source in sources]
     with remote.connect(url, timeout=timeout, retries=retries, api_key=api_key) as client:
         with make_reporter(_err, bars=bars) as reporter:
             try:
                 remote.submit_all(client, items, options, reporter, model=_name(model))
                 if wait:
-                    if download:
-                        (output.parent if output else out_dir).mkdir(parents=True, exist_ok=True)
                     remote.follow(
                         client, items, reporter,
-                        out_dir=out_dir if download else None, output=output,
+                        saving=remote.Saving(out_dir=out_dir, output=output) if download else None,
                         timeout=wait_timeout, poll_interval=0.25,
                     )  # fmt: skip
             except KeyboardInterrupt:
                 remote.cancel_unfinished(client, items, reporter)
         remote.print_results(items, as_json=as_json, waited=wait)
     raise typer.Exit(int(remote.overall_code(items)))
+
+
+def _make_folder(folder: Path | None) -> None:
+    """The results' folder, made before anything is submitted: a folder that cannot exist
+    is a usage error, not jobs whose results have nowhere to go."""
+    if folder is None:  # beside each input: those folders exist
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        message = f"cannot create the folder {folder}: {exc.strerror or exc}"
+        raise _fail(message, ExitCode.USAGE) from exc
 
 
 def _present(**values: object) -> dict[str, object]:
@@ -480,7 +499,9 @@ def bench(
         typer.Option(exists=True, dir_okay=False, help="Input image (default: a generated one)."),
     ] = None,
     model: ModelOpt = None,
-    scale: Scale = 2,
+    scale: Annotated[
+        Literal[2, 4], typer.Option(help="Upscaling factor.", rich_help_panel=UPSCALING)
+    ] = 2,
     steps: Steps = None,
     as_json: AsJson = False,
     url: Url = DEFAULT_URL,
@@ -643,9 +664,19 @@ def upscale(
     ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Upscale one image on this machine with any model, as a worker runs it; no service."""
+    """Upscale one image on this machine with any model, as a worker runs it; no service.
+
+    Converted weights and the demo pipeline are kept in $SPASEMSR_VAR_DIR/models,
+    else in ~/.cache/spasemsr/models ($XDG_CACHE_HOME), never in the current folder.
+    """
     from cli.display import print_warning
-    from cli.local import LocalInputError, StageProgress, output_format_for, upscale_file
+    from cli.local import (
+        LocalInputError,
+        StageProgress,
+        offline_settings,
+        output_format_for,
+        upscale_file,
+    )
     from core.jobs import JobParameters
     from core.models import default_model
 
@@ -662,7 +693,7 @@ def upscale(
         output_format_for(target)
     except LocalInputError as exc:
         raise _fail(str(exc), ExitCode.USAGE) from exc
-    settings = Settings()
+    settings = offline_settings()
     if model_path is not None:
         settings.model.path = model_path
     if device is not None:
@@ -726,11 +757,15 @@ def eval_command(
     verbose: Verbose = False,
 ) -> None:
     """PSNR/SSIM (Y) of bicubic, Lanczos, Real-ESRGAN x4plus and SpaSemSR, with the paper's
-    numbers beside them: on test-set folders, or on bundled photographs with a figure."""
+    numbers beside them: on test-set folders, or on bundled photographs with a figure.
+
+    Models are kept as for `spasemsr upscale` ($SPASEMSR_VAR_DIR, else ~/.cache/spasemsr).
+    """
+    from cli.local import offline_settings
     from cli.offline import evaluate_bundled_photos, evaluate_folders
 
     _logging(verbose)
-    settings = Settings()
+    settings = offline_settings()
     if datasets:
         report = evaluate_folders(
             datasets,

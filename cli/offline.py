@@ -25,7 +25,7 @@ def evaluate_folders(
     lpips_backbone: Path | None,
     lpips_linear: Path | None,
 ) -> EvaluationReport:
-    """The protocol of DESIGN 1.5 over data-set folders, with the baselines beside SpaSemSR."""
+    """The protocol of docs/design.md 1.5 over data-set folders, the baselines beside SpaSemSR."""
     from model.evaluation import evaluate
     from model.metrics import LearnedMetricPaths
 

@@ -6,17 +6,24 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from cli.display import Reporter, Tracked, describe, job_warnings, model_text
+from cli.display import Reporter, Tracked, describe, distinct_parts, job_warnings, model_text
 from cli.exit_codes import ExitCode, exit_code_for
 from client import RetryPolicy, SpaSemSRClient
 from client._common import JobOptions
-from client.errors import ClientError, ProblemError, ServiceUnreachable, WaitTimeout
+from client.errors import (
+    ClientError,
+    JobUnsuccessful,
+    ProblemError,
+    ServiceUnreachable,
+    WaitTimeout,
+)
 from client.models import Job, JobStatus, ModelDescription, ModelList
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -32,6 +39,11 @@ class InputError(Exception):
     """A command-line input that does not name any file."""
 
 
+class ResultNotSaved(ClientError):
+    """The job succeeded but its result could not be written (a read-only folder beside the
+    input, a full disk): reported per file like any other error, never as a traceback."""
+
+
 def connect(
     url: str, *, timeout: float, retries: int, api_key: str | None = None
 ) -> SpaSemSRClient:
@@ -44,8 +56,15 @@ def exit_on_client_error(err: Console) -> Iterator[None]:
     try:
         yield
     except ClientError as error:
-        err.print(f"error: {error}", markup=False, highlight=False)
+        err.print(f"error: {error_text(error)}", markup=False, highlight=False)
         raise typer.Exit(exit_code_for(error)) from error
+
+
+def error_text(error: ClientError) -> str:
+    """A client error in words; a job that ended badly says how, each thing once."""
+    if isinstance(error, JobUnsuccessful):
+        return f"job {error.job.id} {describe(error.job)}"
+    return str(error)
 
 
 # --- inputs and outputs ------------------------------------------------------------------
@@ -86,13 +105,25 @@ def _split_glob(pattern: str) -> tuple[Path, str]:
     return Path(), pattern
 
 
-def output_path_for(item: Tracked, job: Job, out_dir: Path, used: set[Path]) -> Path:
-    """``<stem>.x<scale>.<ext>`` in ``out_dir``; a name already taken gets the job id."""
+@dataclass(frozen=True)
+class Saving:
+    """Where ``submit`` saves results: as ``output`` exactly (one input), else as
+    ``<stem>.x<scale>.<ext>`` in ``out_dir``, or beside each input when no folder is given."""
+
+    out_dir: Path | None = None
+    output: Path | None = None
+
+
+def output_path_for(item: Tracked, job: Job, out_dir: Path | None, used: set[Path]) -> Path:
+    """``<stem>.x<scale>.<ext>`` in ``out_dir`` (``None``: the input's own folder); a name
+    already taken in this run gets the job id. The suffix keeps the input itself from ever
+    being overwritten."""
+    folder = item.source.parent if out_dir is None else out_dir
     extension = str(job.parameters.get("output_format", "png")).replace("jpeg", "jpg")
     scale = job.parameters.get("scale", "")
-    path = out_dir / f"{item.source.stem}.x{scale}.{extension}"
+    path = folder / f"{item.source.stem}.x{scale}.{extension}"
     if path in used:
-        path = out_dir / f"{item.source.stem}.{job.id[:8]}.x{scale}.{extension}"
+        path = folder / f"{item.source.stem}.{job.id[:8]}.x{scale}.{extension}"
     used.add(path)
     return path
 
@@ -127,17 +158,17 @@ def follow(
     items: list[Tracked],
     reporter: Reporter,
     *,
-    out_dir: Path | None,
-    output: Path | None,
+    saving: Saving | None,
     timeout: float | None,
     poll_interval: float,
 ) -> None:
-    """Poll every unfinished job until all end; download each result as it arrives."""
+    """Poll every unfinished job until all end; download each result as it arrives (``saving``
+    ``None``: nothing is downloaded)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     used: set[Path] = set()
     while pending := [item for item in items if not item.finished]:
         for item in pending:
-            _poll_once(client, item, reporter, out_dir=out_dir, output=output, used=used)
+            _poll_once(client, item, reporter, saving=saving, used=used)
         if deadline is not None and time.monotonic() >= deadline:
             for item in items:
                 if not item.finished and item.job is not None:
@@ -152,22 +183,28 @@ def _poll_once(
     item: Tracked,
     reporter: Reporter,
     *,
-    out_dir: Path | None,
-    output: Path | None,
+    saving: Saving | None,
     used: set[Path],
 ) -> None:
     assert item.job is not None
     try:
         job = client.get(item.job.id)
-        if job.status is JobStatus.SUCCEEDED and out_dir is not None:
-            target = output or output_path_for(item, job, out_dir, used)
-            item.output = client.download(job.id, target)
+        if job.status is JobStatus.SUCCEEDED and saving is not None:
+            target = saving.output or output_path_for(item, job, saving.out_dir, used)
+            item.output = _save(client, job.id, target)
     except ClientError as error:
         _record_error(item, error, reporter)
         return
     item.job = job
     item.code = STATUS_CODES.get(job.status, ExitCode.OK)
     reporter.update(item)
+
+
+def _save(client: SpaSemSRClient, job_id: str, target: Path) -> Path:
+    try:
+        return client.download(job_id, target)
+    except OSError as exc:
+        raise ResultNotSaved(f"cannot save the result as {target}: {exc.strerror or exc}") from exc
 
 
 def cancel_unfinished(client: SpaSemSRClient, items: list[Tracked], reporter: Reporter) -> None:
@@ -239,7 +276,7 @@ def job_lines(job: Job) -> list[tuple[str, str]]:
     if job.timings:
         rows.append(("timings", ", ".join(f"{k} {v:.3f} s" for k, v in job.timings.items())))
     if job.error:
-        rows.append(("error", f"{job.error.title}: {job.error.detail}"))
+        rows.append(("error", ": ".join(distinct_parts(job.error.title, job.error.detail))))
     rows += [("warning", warning) for warning in job_warnings(job)]
     return rows
 

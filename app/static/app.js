@@ -60,19 +60,55 @@ async function api(path, options = {}) {
   return response;
 }
 
-function showProblem(element, problem) {
+// A text reduced to what it says: "Job canceled." and "canceled" say the same thing.
+function gist(text) {
+  return String(text || "").trim().toLowerCase().replace(/[.!]+$/, "").replace(/^job /, "");
+}
+
+// Title and detail of a problem, leaving out what an earlier part (e.g. the status shown
+// beside it) already says, so that no message reads "canceled: Job canceled: Job canceled".
+function problemParts(problem, alreadySaid = []) {
+  const said = alreadySaid.map(gist);
+  const parts = [];
+  for (const text of [problem.title, problem.detail]) {
+    if (text && !said.includes(gist(text))) {
+      parts.push(text);
+      said.push(gist(text));
+    }
+  }
+  return parts;
+}
+
+function showProblem(element, problem, alreadySaid = []) {
   element.replaceChildren();
-  const title = document.createElement("strong");
-  title.className = "problem-title";
-  title.textContent = problem.title;
-  element.append(title);
-  if (problem.detail && problem.detail !== problem.title) {
-    element.append(document.createTextNode(" " + problem.detail));
+  const [title, detail] = problemParts(problem, alreadySaid);
+  if (title === undefined) {
+    element.hidden = true; // nothing beyond what is already on screen
+    return;
+  }
+  const strong = document.createElement("strong");
+  strong.className = "problem-title";
+  strong.textContent = title;
+  element.append(strong);
+  if (detail !== undefined) {
+    element.append(document.createTextNode(" " + detail));
   }
   element.hidden = false;
 }
 
 // --- the models -----------------------------------------------------------------------------
+
+// What a model card says, without any server path: a worker describes its weights in words, and
+// should a path ever slip into that text (a folder or file named in the settings), only its
+// last part (the folder or file name) is shown. Visitors never learn the server's file layout.
+const PATH_LIKE = /[^\s;,()]*[\\/][^\s;,()]*/g;
+
+function withoutPaths(text) {
+  return String(text || "").replace(PATH_LIKE, (path) => {
+    const parts = path.split(/[\\/]/).filter((part) => part !== "");
+    return parts.length ? parts[parts.length - 1] : "";
+  });
+}
 
 function trainedLabel(trained) {
   if (trained === true) return "trained";
@@ -119,11 +155,14 @@ function showSelectedModel() {
   }
   $("model-name").textContent = `${model.name} ${model.version}`;
   const devices = (model.devices && model.devices.length) ? model.devices.join(", ") : model.device;
+  const weights = withoutPaths(model.weights);
+  const configuration = withoutPaths(model.configuration);
   // The weights' description already names their source and licence: say it once.
-  const licence = model.licence && !model.weights.includes(model.licence) ? `; ${model.licence}` : "";
+  const licence = model.licence && !weights.includes(model.licence) ? `; ${model.licence}` : "";
+  const workers = `${model.workers} worker${model.workers === 1 ? "" : "s"}`;
   $("model-details").textContent =
-    `(${trainedLabel(model.trained)}; ${model.configuration}; weights: ${model.weights}${licence}; ` +
-    `${devices}, ${model.dtype}; ${model.workers} worker${model.workers === 1 ? "" : "s"})`;
+    `(${trainedLabel(model.trained)}; ${configuration}; weights: ${weights}${licence}; ` +
+    `${devices}, ${model.dtype}; ${workers})`;
   if (!model.trained) {
     const text = (model.warnings && model.warnings.length)
       ? model.warnings.join(" ")
@@ -145,7 +184,7 @@ async function loadModels() {
   } catch (error) {
     const problem = error.problem || { title: String(error) };
     $("model-name").textContent = "unavailable";
-    $("model-details").textContent = `(${problem.title}${problem.detail ? ": " + problem.detail : ""})`;
+    $("model-details").textContent = `(${problemParts(problem).join(": ")})`;
     $("model-warning").hidden = true;
     setTimeout(loadModels, MODEL_RETRY_MS);
     return;
@@ -275,7 +314,7 @@ function renderJob(entry) {
   }
   item.querySelector(".job-cancel").hidden = TERMINAL.has(job.status);
   if (job.error) {
-    showProblem(item.querySelector(".job-error"), job.error);
+    showProblem(item.querySelector(".job-error"), job.error, [job.status]);
   }
 }
 

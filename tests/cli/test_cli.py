@@ -260,3 +260,82 @@ def test_submit_to_an_exact_output_path(service: ServiceProcesses, tmp_path: Pat
     two = spasemsr("submit", str(tmp_path / "a.png"), str(target), "-o", "x.png")
     assert two.returncode == 2
     assert "--output takes exactly one input" in two.stderr
+
+
+def test_submit_saves_results_beside_their_inputs_unless_out_names_a_folder(
+    service: ServiceProcesses, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    (photos / "a.png").write_bytes(png_bytes(10, 8))
+    (photos / "more" / "b.png").write_bytes(png_bytes(12, 6))
+    elsewhere = tmp_path / "elsewhere"  # the folder the command runs in gets nothing
+    elsewhere.mkdir()
+    beside = spasemsr(
+        "submit", str(photos / "a.png"), str(photos / "more"), "--scale", "2",
+        "--url", service.url, "--lines", cwd=elsewhere,
+    )  # fmt: skip
+    assert beside.returncode == 0, beside.stderr
+    assert _image_size(photos / "a.x2.png") == (20, 16)
+    assert _image_size(photos / "more" / "b.x2.png") == (24, 12)
+    assert list(elsewhere.iterdir()) == []
+    assert beside.stdout.splitlines() == [
+        f"{photos / 'a.png'} -> {photos / 'a.x2.png'}",
+        f"{photos / 'more' / 'b.png'} -> {photos / 'more' / 'b.x2.png'}",
+    ]
+    # --out DIR (as the README writes it) and the older --out-dir / -d spellings.
+    for flag in ("--out", "--out-dir", "-d"):
+        chosen = tmp_path / f"results{flag}"
+        result = spasemsr(
+            "submit", str(photos / "a.png"), flag, str(chosen), "--scale", "2",
+            "--url", service.url, "--lines",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert _image_size(chosen / "a.x2.png") == (20, 16)
+
+
+def test_submit_reports_results_it_cannot_save_without_a_traceback(
+    service: ServiceProcesses, idle_service: ServiceProcesses, tmp_path: Path
+) -> None:
+    (tmp_path / "a.png").write_bytes(png_bytes(10, 8))
+    # A folder that cannot be made: a usage error before anything is submitted.
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("a file where the result folder should be")
+    result = spasemsr(
+        "submit", str(tmp_path / "a.png"), "--out", str(blocked), "--url", idle_service.url,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"cannot create the folder {blocked}" in result.stderr
+    # A result that cannot be written (a folder stands where the file should go): that file
+    # fails (exit 1), reported on its line.
+    taken = tmp_path / "taken.png"
+    taken.mkdir()
+    result = spasemsr(
+        "submit", str(tmp_path / "a.png"), "-o", str(taken), "--url", service.url, "--lines",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert f"a.png: error: cannot save the result as {taken}" in result.stderr
+
+
+def test_cancel_of_an_ended_job_says_how_it_ended(
+    service: ServiceProcesses, idle_service: ServiceProcesses, tmp_path: Path
+) -> None:
+    """The 409 of a cancel reads ``Job <id> has already succeeded.`` (not ``is already``)."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    done = spasemsr(
+        "submit", str(tmp_path / "a.png"), "--url", service.url, "--no-download", "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = json.loads(done.stdout)["job"]["id"]
+    succeeded = spasemsr("cancel", job_id, "--url", service.url)
+    assert succeeded.returncode == 4
+    assert f"Job {job_id} has already succeeded." in succeeded.stderr
+    assert "is already" not in succeeded.stderr
+
+    queued = spasemsr("submit", str(tmp_path / "a.png"), "--url", idle_service.url, "--no-wait")
+    assert queued.returncode == 0, queued.stderr
+    queued_id = queued.stdout.strip()
+    assert spasemsr("cancel", queued_id, "--url", idle_service.url).returncode == 0
+    canceled = spasemsr("cancel", queued_id, "--url", idle_service.url)
+    assert canceled.returncode == 4
+    assert f"Job {queued_id} has already been canceled." in canceled.stderr

@@ -269,6 +269,85 @@ def test_untrained_models_are_labelled_and_their_jobs_warned(
         connection.close()
 
 
+PHONE = {"width": 390, "height": 844}
+PAGE_WIDTH = "document.scrollingElement.scrollWidth"
+
+
+def test_the_page_fits_a_phone_screen_before_and_with_a_job(
+    page: Any, requested: list[str], web_service: Any, artifacts: Path
+) -> None:
+    page.set_viewport_size(PHONE)
+    page.goto(web_service.url + "/")
+    expect(page.locator("#model-name")).to_have_text("lanczos 1")
+    assert page.evaluate(PAGE_WIDTH) <= PHONE["width"]
+    # A long name without spaces and a result wider than the screen: both stay inside it
+    # (the comparison scrolls within its own viewport).
+    name = "holiday-photo-from-the-seaside-without-any-spaces-in-its-name.png"
+    page.set_input_files(
+        "#files", {"name": name, "mimeType": "image/png", "buffer": png_bytes(160, 100)}
+    )
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='succeeded']")
+    page.wait_for_selector("#viewer:not([hidden])")
+    expect(page.locator("#after-image")).to_have_js_property("complete", True)
+    assert page.locator("#compare").bounding_box()["width"] > PHONE["width"]
+    assert page.evaluate(PAGE_WIDTH) <= PHONE["width"]
+    page.screenshot(path=str(artifacts / "07-phone.png"), full_page=True)
+    _only_this_origin(requested, web_service.url)
+
+
+def test_job_errors_say_each_thing_once(page: Any, web_service: Any) -> None:
+    page.goto(web_service.url + "/")
+    parts = "([problem, said]) => problemParts(problem, said)"
+    canceled = {"title": "Job canceled", "detail": "Job canceled"}
+    assert page.evaluate(parts, [canceled, ["canceled"]]) == []
+    assert page.evaluate(parts, [canceled, []]) == ["Job canceled"]
+    during = {"title": "Job canceled", "detail": "Canceled during denoise."}
+    assert page.evaluate(parts, [during, ["canceled"]]) == ["Canceled during denoise."]
+    failed = {"title": "Out of GPU memory", "detail": "Even 256-px tiles did not fit."}
+    assert page.evaluate(parts, [failed, ["failed"]]) == [failed["title"], failed["detail"]]
+
+
+def test_the_model_line_never_shows_a_server_path(
+    page: Any, workerless_service: ServiceProcesses
+) -> None:
+    # A worker whose card carries paths (own weights named by a full path in the settings).
+    connection = Redis.from_url(workerless_service.env["SPASEMSR_REDIS__URL"])
+    registry = WorkerRegistry(connection, prefix="spasemsr")
+    registry.announce(
+        WorkerInfo(
+            name="gpu-paths",
+            state=WorkerState.IDLE,
+            serving=(ModelName.REALESRGAN_X4PLUS,),
+            models=[
+                ModelInfo(
+                    name=ModelName.REALESRGAN_X4PLUS,
+                    version="custom",
+                    configuration="RRDBNet from /srv/private/configs/x4.json",
+                    weights="your checkpoint /srv/private/weights/RealESRGAN_x4plus.pth",
+                    trained=True,
+                    device="cuda:0",
+                    dtype="float32",
+                )
+            ],
+            pid=1,
+            hostname="test",
+            started_at=datetime(2026, 1, 1, tzinfo=UTC),
+        ),
+        ttl_seconds=60,
+    )
+    try:
+        page.goto(workerless_service.url + "/")
+        page.select_option("#model", "realesrgan-x4plus")
+        details = page.locator("#model-details")
+        expect(details).to_contain_text("RealESRGAN_x4plus.pth")
+        assert "your checkpoint RealESRGAN_x4plus.pth" in details.inner_text()
+        assert "/srv" not in page.inner_text("body")
+    finally:
+        registry.remove("gpu-paths")
+        connection.close()
+
+
 def test_queue_position_is_shown_until_a_worker_takes_the_jobs(
     page: Any, requested: list[str], workerless_service: ServiceProcesses, artifacts: Path
 ) -> None:
