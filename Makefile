@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is taken as the CPU build here; GPU images install the CUDA build (see Dockerfile).
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install system-deps run demo test lint typecheck unit load-test chaos bench bench-full clean
+.PHONY: install system-deps run demo test test-slow lint typecheck unit load-test chaos bench bench-full clean
 
 # Debian packages the tests drive for real: Chromium (web page end to end) and Prometheus
 # (promtool rule tests, a real scrape). Installed once when missing; needs root and apt.
@@ -49,6 +49,10 @@ unit: install
 	$(BIN)/python -m pytest
 
 test: system-deps lint typecheck unit
+
+## The tests marked slow (make test leaves them out): minutes of tiny-model work on CPU.
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 ## The full-size load test: 2,000 jobs through two workers (make test runs a smaller one).
 load-test: install

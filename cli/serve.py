@@ -28,6 +28,7 @@ from types import FrameType
 
 from cli.instance import DataDirInUse, DataDirLock, PidFiles, stop_orphans
 from core.embedded_redis import EmbeddedRedis
+from core.secrets_check import RefusedToStart, refuse_unusable_api_keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,12 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def serve(settings: Settings, *, workers: int = 1) -> int:
+    try:
+        # Checked here too: a child that refuses to start would only be restarted forever.
+        refuse_unusable_api_keys(settings.api)
+    except RefusedToStart as exc:
+        print(exc, file=sys.stderr)
+        return ServeExit.NOT_STARTED
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     var_dir = settings.var_dir.resolve()
     lock = DataDirLock(var_dir)

@@ -71,8 +71,6 @@ class RedisSettings(BaseModel):
     """``None``: the project starts its own ``redis-server`` (``spasemsr serve``)."""
     key_prefix: str = "spasemsr"
     socket_timeout_seconds: float = Field(default=5.0, gt=0)
-    embedded_port: int = Field(default=0, ge=0, le=65535)
-    """Port of the embedded Redis; 0 picks a free one."""
 
 
 class StorageSettings(BaseModel):

@@ -114,8 +114,8 @@ class JobRunner:
         with runtime.busy():
             try:
                 output = self._process_within_memory()
-            except JobCanceled:
-                return self._finish(JobStatus.CANCELED, began, error=JobCanceled())
+            except JobCanceled as canceled:  # its detail says at which stage
+                return self._finish(JobStatus.CANCELED, began, error=canceled)
             except WorkerShuttingDown:
                 return self._hand_back("the worker is shutting down", count_attempt=False)
             except StorageUnavailable as exc:
