@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -302,6 +303,9 @@ def submit(
     from cli import remote
     from cli.display import Tracked, make_reporter
 
+    # Ctrl-C cancels what is unfinished, however this was started: a shell script's
+    # background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sources = remote.expand_inputs(inputs)
     except remote.InputError as exc:
