@@ -9,7 +9,9 @@ from pydantic import BaseModel, Field, field_validator
 
 from core.jobs import (
     MAX_CAPTION_CHARS,
+    SCALES,
     ColorFix,
+    GuidanceScale,
     ImageFormat,
     ImageInfo,
     JobErrorInfo,
@@ -18,6 +20,10 @@ from core.jobs import (
     Priority,
     Progress,
     SchedulerName,
+    Seed,
+    Steps,
+    TileSize,
+    parameter_default,
 )
 from core.models import ModelName
 from core.workers import ModelInfo
@@ -34,15 +40,17 @@ class JobCreate(BaseModel):
     # An int checked by a validator rather than Literal[2, 4]: form fields arrive as text,
     # and pydantic does not coerce "4" into an integer literal.
     scale: Annotated[
-        int, Field(description="Upscaling factor: 2 or 4.", json_schema_extra={"enum": [2, 4]})
-    ] = 4
-    steps: Annotated[int, Field(ge=1, le=100, description="Denoising steps.")] = 20
-    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
-    seed: Annotated[int | None, Field(ge=0, le=2**32 - 1)] = None
-    color_fix: ColorFix = "wavelet"
-    scheduler: SchedulerName = "dpmsolver++"
-    tile_size: Annotated[int, Field(ge=256, le=1024, multiple_of=64)] = 512
-    output_format: ImageFormat = ImageFormat.PNG
+        int,
+        Field(description="Upscaling factor.", json_schema_extra={"enum": list(SCALES)}),
+    ] = parameter_default("scale")
+    # The types and defaults of the job contract (core.jobs), not copies of them.
+    steps: Steps = parameter_default("steps")
+    guidance_scale: GuidanceScale = parameter_default("guidance_scale")
+    seed: Seed = parameter_default("seed")
+    color_fix: ColorFix = parameter_default("color_fix")
+    scheduler: SchedulerName = parameter_default("scheduler")
+    tile_size: TileSize = parameter_default("tile_size")
+    output_format: ImageFormat = parameter_default("output_format")
     priority: Priority = Priority.DEFAULT
     tags: Annotated[
         str | None, Field(max_length=2048, description="Grounding hint: comma-separated tags.")
@@ -58,8 +66,8 @@ class JobCreate(BaseModel):
     @field_validator("scale")
     @classmethod
     def _supported_scale(cls, scale: int) -> int:
-        if scale not in (2, 4):
-            raise ValueError("Input should be 2 or 4")
+        if scale not in SCALES:
+            raise ValueError(f"Input should be {' or '.join(map(str, SCALES))}")
         return scale
 
     def parameters(self, model: ModelName) -> JobParameters:

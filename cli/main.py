@@ -27,6 +27,15 @@ from client import DEFAULT_URL
 from client._common import JobOptions
 from client.errors import ClientError
 from client.models import JobStatus
+from core.jobs import (
+    ColorFix,
+    ImageFormat,
+    Priority,
+    ScaleFactor,
+    SchedulerName,
+    parameter_bounds,
+    parameter_default,
+)
 from core.models import ModelName
 from core.settings import Settings
 
@@ -88,45 +97,66 @@ ApiKey = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
+# Bounds, defaults and choices of the job parameters come from the job contract (core.jobs).
+_STEPS, _GUIDANCE = parameter_bounds("steps"), parameter_bounds("guidance_scale")
+_SEED, _TILE = parameter_bounds("seed"), parameter_bounds("tile_size")
+
 Scale = Annotated[
-    Literal[2, 4] | None,
-    typer.Option(help="Upscaling factor (default 4).", rich_help_panel=UPSCALING),
+    ScaleFactor | None,
+    typer.Option(
+        help=f"Upscaling factor (default {parameter_default('scale')}).",
+        rich_help_panel=UPSCALING,
+    ),
 ]
 Steps = Annotated[
     int | None,
-    typer.Option(min=1, max=100, help="Denoising steps (default 20).", rich_help_panel=UPSCALING),
+    typer.Option(
+        min=int(_STEPS.minimum),
+        max=int(_STEPS.maximum),
+        help=f"Denoising steps (default {parameter_default('steps')}).",
+        rich_help_panel=UPSCALING,
+    ),
 ]
 Guidance = Annotated[
     float | None,
     typer.Option(
-        min=0.0,
-        max=20.0,
-        help="Classifier-free guidance (default 4.5).",
+        min=_GUIDANCE.minimum,
+        max=_GUIDANCE.maximum,
+        help=f"Classifier-free guidance (default {parameter_default('guidance_scale')}).",
         rich_help_panel=UPSCALING,
     ),
 ]
 Seed = Annotated[
     int | None,
     typer.Option(
-        min=0, max=2**32 - 1, help="Random seed (default: random).", rich_help_panel=UPSCALING
+        min=int(_SEED.minimum),
+        max=int(_SEED.maximum),
+        help="Random seed (default: random).",
+        rich_help_panel=UPSCALING,
     ),
 ]
 ColorFixOpt = Annotated[
-    Literal["none", "adain", "wavelet"] | None,
+    ColorFix | None,
     typer.Option(
-        "--color-fix", help="Colour correction (default wavelet).", rich_help_panel=UPSCALING
+        "--color-fix",
+        help=f"Colour correction (default {parameter_default('color_fix')}).",
+        rich_help_panel=UPSCALING,
     ),
 ]
 SchedulerOpt = Annotated[
-    Literal["ddpm", "ddim", "dpmsolver++", "unipc"] | None,
-    typer.Option(help="Diffusion scheduler (default dpmsolver++).", rich_help_panel=UPSCALING),
+    SchedulerName | None,
+    typer.Option(
+        help=f"Diffusion scheduler (default {parameter_default('scheduler')}).",
+        rich_help_panel=UPSCALING,
+    ),
 ]
 TileSize = Annotated[
     int | None,
     typer.Option(
-        min=256,
-        max=1024,
-        help="Diffusion tile side in output pixels, a multiple of 64 (default 512).",
+        min=int(_TILE.minimum),
+        max=int(_TILE.maximum),
+        help=f"Diffusion tile side in output pixels, a multiple of {int(_TILE.multiple_of or 1)} "
+        f"(default {parameter_default('tile_size')}).",
         rich_help_panel=UPSCALING,
     ),
 ]
@@ -269,11 +299,15 @@ def submit(
     tags: Tags = None,
     caption: Caption = None,
     output_format: Annotated[
-        Literal["png", "jpeg", "webp"] | None,
-        typer.Option("--format", help="Result format (default png).", rich_help_panel=UPSCALING),
+        ImageFormat | None,
+        typer.Option(
+            "--format",
+            help=f"Result format (default {parameter_default('output_format')}).",
+            rich_help_panel=UPSCALING,
+        ),
     ] = None,
     priority: Annotated[
-        Literal["high", "default", "low"] | None,
+        Priority | None,
         typer.Option(help="Queue priority (default: default).", rich_help_panel=UPSCALING),
     ] = None,
     wait: Annotated[
@@ -504,7 +538,7 @@ def bench(
     ] = None,
     model: ModelOpt = None,
     scale: Annotated[
-        Literal[2, 4], typer.Option(help="Upscaling factor.", rich_help_panel=UPSCALING)
+        ScaleFactor, typer.Option(help="Upscaling factor.", rich_help_panel=UPSCALING)
     ] = 2,
     steps: Steps = None,
     as_json: AsJson = False,
@@ -577,8 +611,11 @@ def demo(
         "var/demo-result.png"
     ),
     model: ModelOpt = None,
-    scale: Annotated[Literal[2, 4], typer.Option(help="Upscaling factor.")] = 4,
-    steps: Annotated[int, typer.Option(min=1, max=100, help="Denoising steps.")] = 4,
+    scale: Annotated[ScaleFactor, typer.Option(help="Upscaling factor.")] = 4,
+    steps: Annotated[
+        int,
+        typer.Option(min=int(_STEPS.minimum), max=int(_STEPS.maximum), help="Denoising steps."),
+    ] = 4,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 300.0,
     api_key: ApiKey = None,
 ) -> None:

@@ -6,9 +6,10 @@ Only ids, storage keys and these JSON parameters cross Redis (never image bytes,
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,11 +51,24 @@ class ImageFormat(StrEnum):
         return "jpg" if self is ImageFormat.JPEG else self.value
 
 
+# The job contract's types, bounds and defaults are written here once. The HTTP form
+# (app.schemas), the CLI options, the web form (rendered from the form's schema) take them from
+# here; the client's and the model's own copies are checked against them by tests.
+ScaleFactor = Literal[2, 4]
 ColorFix = Literal["none", "adain", "wavelet"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
+Steps = Annotated[int, Field(ge=1, le=100, description="Denoising steps.")]
+GuidanceScale = Annotated[float, Field(ge=0.0, le=20.0, description="Classifier-free guidance.")]
+Seed = Annotated[int | None, Field(ge=0, le=2**32 - 1, description="Random seed; none: random.")]
+TileSize = Annotated[
+    int,
+    Field(ge=256, le=1024, multiple_of=64, description="Diffusion tile side in output pixels."),
+]
 
-SCALES: tuple[int, ...] = (2, 4)
+SCALES: tuple[int, ...] = get_args(ScaleFactor)
 """Magnifications of the v1 contract (``JobParameters.scale``)."""
+COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 MAX_TAGS = 32
 MAX_TAG_CHARS = 64
 MAX_CAPTION_CHARS = 500
@@ -69,13 +83,13 @@ class JobParameters(BaseModel):
     """The model to run; ``None`` = the service's default, filled in when the job is accepted.
     The diffusion parameters (steps, guidance, scheduler, colour fix, hints) apply to
     ``spasemsr`` only; the other models ignore them."""
-    scale: Literal[2, 4] = 4
-    steps: Annotated[int, Field(ge=1, le=100)] = 20
-    guidance_scale: Annotated[float, Field(ge=0.0, le=20.0)] = 4.5
-    seed: Annotated[int | None, Field(ge=0, le=2**32 - 1)] = None
+    scale: ScaleFactor = 4
+    steps: Steps = 20
+    guidance_scale: GuidanceScale = 4.5
+    seed: Seed = None
     color_fix: ColorFix = "wavelet"
     scheduler: SchedulerName = "dpmsolver++"
-    tile_size: Annotated[int, Field(ge=256, le=1024, multiple_of=64)] = 512
+    tile_size: TileSize = 512
     output_format: ImageFormat = ImageFormat.PNG
     tags: Annotated[tuple[str, ...], Field(max_length=MAX_TAGS)] = ()
     """Optional grounding hint: object tags to use."""
@@ -90,6 +104,30 @@ class JobParameters(BaseModel):
             if len(tag) > MAX_TAG_CHARS:
                 raise ValueError(f"tag longer than {MAX_TAG_CHARS} characters")
         return cleaned
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric parameter's limits, as its ``Field`` declares them."""
+
+    minimum: float
+    maximum: float
+    multiple_of: float | None = None
+
+
+def parameter_default(name: str) -> Any:
+    """The default of ``JobParameters.<name>``."""
+    return JobParameters.model_fields[name].default
+
+
+def parameter_bounds(name: str) -> Bounds:
+    """The limits of a numeric ``JobParameters`` field (read from its annotations)."""
+    found: dict[str, float] = {}
+    for constraint in JobParameters.model_fields[name].metadata:
+        for key in ("ge", "le", "multiple_of"):
+            if getattr(constraint, key, None) is not None:
+                found[key] = getattr(constraint, key)
+    return Bounds(found["ge"], found["le"], found.get("multiple_of"))
 
 
 class ImageInfo(BaseModel):

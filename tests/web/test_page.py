@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.schemas import JobCreate
-from app.web import STATIC_DIR
+from app.web import STATIC_DIR, rendered_index
 from core.jobs import ImageFormat, JobParameters, Priority
 from core.settings import Settings
 
@@ -50,13 +50,12 @@ class _Controls(HTMLParser):
 
 def _controls() -> dict[str, dict[str, Any]]:
     parser = _Controls()
-    parser.feed((STATIC_DIR / "index.html").read_text())
+    parser.feed(rendered_index())  # the page as served: its form filled in from the schema
     return parser.controls
 
 
 def _labels() -> set[str]:
-    html = (STATIC_DIR / "index.html").read_text()
-    return set(re.findall(r'<label for="([^"]+)"', html))
+    return set(re.findall(r'<label for="([^"]+)"', rendered_index()))
 
 
 def test_page_and_assets_are_served_with_a_strict_policy(client: TestClient) -> None:
@@ -134,3 +133,16 @@ def test_model_picker_and_bicubic_before_are_on_the_page() -> None:
     # Only past 100% zoom are pixels shown as blocks; the "before" itself is never pixelated.
     assert not re.search(r"\.before\s*\{[^}]*pixelated", css)
     assert re.search(r"\.compare\.pixelated img\s*\{[^}]*pixelated", css)
+
+
+def test_the_form_is_filled_in_from_the_schema_not_written_in_the_page() -> None:
+    from app.web import form_values
+
+    schema = JobCreate.model_json_schema()
+    schema["properties"]["steps"] = {**schema["properties"]["steps"], "maximum": 50, "default": 8}
+    schema["properties"]["scheduler"] = {**schema["properties"]["scheduler"], "enum": ["ddim"]}
+    values = form_values(schema)
+    assert (values["steps_max"], values["steps_default"]) == ("50", "8")
+    assert values["scheduler_options"].count("<option") == 1
+    template = (STATIC_DIR / "index.html").read_text()
+    assert 'max="$steps_max"' in template and "dpmsolver++" not in template
