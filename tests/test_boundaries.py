@@ -40,3 +40,53 @@ def test_api_side_never_imports_torch() -> None:
 def test_model_knows_nothing_of_the_service() -> None:
     loaded = _top_level_modules_after_importing("model")
     assert not {"core", "app", "worker", "cli", "redis", "rq", "fastapi", "starlette"} & loaded
+
+
+_IMPORT_ONLY = """
+import importlib, json, sys
+for name in {modules!r}:
+    importlib.import_module(name)
+print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}})))
+"""
+
+
+def _top_level_modules_after(*modules: str) -> set[str]:
+    completed = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ONLY.format(modules=list(modules))],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return set(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def test_the_client_needs_only_httpx_and_pydantic() -> None:
+    loaded = _top_level_modules_after_importing("client")
+    first_party = {"app", "cli", "core", "model", "worker"}
+    assert not first_party & loaded
+    assert not {"torch", "redis", "rq", "fastapi", "boto3"} & loaded
+
+
+def test_the_worker_never_imports_the_api() -> None:
+    loaded = _top_level_modules_after("worker.main", "worker.tasks", "worker.healthcheck")
+    assert not {"app", "fastapi", "starlette", "uvicorn"} & loaded
+
+
+def test_the_command_line_loads_torch_only_in_commands_that_run_a_model() -> None:
+    # The whole CLI (every command registered) starts without torch: remote commands talk
+    # HTTP only, and offline ones import the model package when they run.
+    loaded = _top_level_modules_after("cli.main", "cli.commands.remote", "cli.commands.processes")
+    assert not {"torch", "diffusers", "transformers", "model"} & loaded
+
+
+def test_serving_code_imports_no_training_or_evaluation() -> None:
+    script = (
+        "import json, sys\n"
+        "import worker.engine, worker.tasks, model.pipeline, model.spasemsr\n"
+        "import model.realesrgan.upscaler, model.lanczos\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
+        timeout=300,
+    )  # fmt: skip
+    loaded = set(json.loads(completed.stdout.strip().splitlines()[-1]))
+    assert not {"model.training", "model.evaluation", "model.photo_eval"} & loaded

@@ -1,0 +1,1 @@
+"""The ``spasemsr`` commands, one module per concern; importing one registers its commands."""
