@@ -35,9 +35,9 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +60,7 @@ from model.pipeline import SpaSemSRPipeline
 from model.prompt import Box, GroundedPrompt, Grounder
 from model.text import TextConditioner, default_prompt
 from model.tiling import boxes_for_tile
+from model.training_config import TrainingConfig
 from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
 
 logger = logging.getLogger(__name__)
@@ -70,73 +71,6 @@ CHECKPOINTS = "checkpoints"
 PIPELINE = "pipeline"
 TRAINED_BLOCKS = ("image_encoder", "semantic_encoder", "controlnet", "unet_attention")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-MixedPrecision = Literal["no", "fp16", "bf16"]
-
-
-@dataclass(kw_only=True)
-class TrainingConfig:
-    """Hyper-parameters of a training run; defaults from DESIGN 1.4 ([P] where the paper gives
-    them, XPSR / SeeSR practice [I] otherwise)."""
-
-    learning_rate: float = 5e-5
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    warmup_steps: int = 500
-    """Linear warm-up, then a constant learning rate."""
-    max_grad_norm: float = 1.0
-    null_prompt_ratio: float = 0.5
-    """Probability that a sample's caption and tags are replaced by the empty prompt (CFG)."""
-    lambda_image: float = 0.05
-    lambda_semantic: float = 0.05
-    lambda_controlnet: float = 0.05
-    batch_size: int = 32
-    """Per device and per accumulation step."""
-    gradient_accumulation_steps: int = 1
-    resolution: int = 512
-    """Side of the square HR patches (output pixels)."""
-    scale: int = 4
-    """LR = HR / scale through the degradation, then bicubically back up (the pipeline's input)."""
-    horizontal_flip: bool = True
-    mixed_precision: MixedPrecision = "no"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 1000
-    checkpoints_total_limit: int | None = 3
-    """How many ``save_state`` folders to keep (oldest removed); ``None`` keeps all."""
-    max_steps: int = 200_000
-    """Optimiser steps (after accumulation)."""
-    log_every: int = 10
-    seed: int = 0
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.null_prompt_ratio <= 1.0:
-            raise ValueError(f"null_prompt_ratio must be in [0, 1], got {self.null_prompt_ratio}")
-        for name in ("lambda_image", "lambda_semantic", "lambda_controlnet", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.scale < 1 or self.resolution % self.scale:
-            raise ValueError(
-                f"resolution {self.resolution} must be a multiple of the scale {self.scale}"
-            )
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(
-                f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision}"
-            )
-        self.adam_betas = (float(self.adam_betas[0]), float(self.adam_betas[1]))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["adam_betas"] = list(self.adam_betas)
-        return data
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -25,6 +27,7 @@ from cli.options import (
     job_options,
 )
 from core.models import ModelName
+from model.training_config import TrainingConfig
 
 # --- without a service -------------------------------------------------------------------
 
@@ -243,7 +246,36 @@ def weights(
     typer.echo(f"pipeline written to {path}")
 
 
-@app.command(rich_help_panel="Without a service")
+def _training_parameters() -> list[inspect.Parameter]:
+    """One option per field of ``TrainingConfig`` that declares its help (its type, default,
+    bounds and help from the field), so the command and the config cannot drift apart."""
+    hints = get_type_hints(TrainingConfig)
+    parameters = []
+    for spec in dataclasses.fields(TrainingConfig):
+        if "help" not in spec.metadata:
+            continue
+        names = [spec.metadata["flag"]] if "flag" in spec.metadata else []
+        option = typer.Option(
+            *names,
+            help=spec.metadata["help"],
+            min=spec.metadata.get("min"),
+            max=spec.metadata.get("max"),
+            rich_help_panel="Training",
+        )
+        parameters.append(
+            inspect.Parameter(
+                spec.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=spec.default,
+                annotation=Annotated[hints[spec.name], option],
+            )
+        )
+    return parameters
+
+
+_RUN_PARAMETERS = {"data", "out", "pipeline", "grounder", "resume", "verbose"}
+
+
 def train(
     data: Annotated[
         Path,
@@ -251,6 +283,7 @@ def train(
             metavar="DATA", exists=True, file_okay=False, help="Data set folder (HR images in hr/)."
         ),
     ],
+    *,
     out: Annotated[
         Path, typer.Option(help="Run folder: checkpoints, prompt cache, pipeline/.")
     ] = Path("var/train"),
@@ -265,60 +298,15 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from the latest checkpoint in --out.")
     ] = False,
-    max_steps: Annotated[int, typer.Option(min=1, help="Optimiser steps.")] = 200_000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per device and step.")] = 32,
-    accumulation: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    learning_rate: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 5e-5,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 500,
-    resolution: Annotated[int, typer.Option(min=8, help="HR patch side in pixels.")] = 512,
-    null_prompt_ratio: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Empty-prompt probability (CFG).")
-    ] = 0.5,
-    lambda_image: Annotated[float, typer.Option(min=0.0, help="Weight of L1(ImageEnc, VAE).")] = (
-        0.05
-    ),
-    lambda_semantic: Annotated[
-        float, typer.Option(min=0.0, help="Weight of L1(SemanticEnc, SAM).")
-    ] = 0.05,
-    lambda_controlnet: Annotated[
-        float, typer.Option(min=0.0, help="Weight of the ControlNet regulariser (0: off).")
-    ] = 0.05,
-    mixed_precision: Annotated[
-        Literal["no", "fp16", "bf16"], typer.Option(help="Mixed precision.")
-    ] = "no",
-    gradient_checkpointing: Annotated[
-        bool, typer.Option(help="Recompute activations to save memory.")
-    ] = False,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = (
-        1000
-    ),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    num_workers: Annotated[int, typer.Option(min=0, help="Data loader workers.")] = 0,
     verbose: Verbose = False,
+    **hyper_parameters: Any,
 ) -> None:
     """Train SpaSemSR's blocks on HR images (accelerate: `accelerate launch -m cli.main train`)."""
-    from model.training import TrainingConfig
     from model.training import train as run_training
 
     configure_logging(verbose)
     try:
-        config = TrainingConfig(
-            max_steps=max_steps,
-            batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-            learning_rate=learning_rate,
-            warmup_steps=warmup_steps,
-            resolution=resolution,
-            null_prompt_ratio=null_prompt_ratio,
-            lambda_image=lambda_image,
-            lambda_semantic=lambda_semantic,
-            lambda_controlnet=lambda_controlnet,
-            mixed_precision=mixed_precision,
-            gradient_checkpointing=gradient_checkpointing,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            num_workers=num_workers,
-        )
+        config = TrainingConfig(**hyper_parameters)
     except ValueError as exc:
         raise fail(str(exc), ExitCode.USAGE) from exc
     loaded_grounder = None
@@ -343,3 +331,15 @@ def train(
         f"({report.steps_per_second:.3f} steps/s, last loss {last:.4f}); "
         f"pipeline at {report.pipeline_dir}"
     )
+
+
+def _register_train() -> None:
+    own = inspect.signature(train, eval_str=True).parameters
+    fixed = [p for name, p in own.items() if name in _RUN_PARAMETERS]
+    signature = inspect.Signature([*fixed, *_training_parameters()])
+    train.__signature__ = signature  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    app.command(name="train", rich_help_panel="Without a service")(train)
+
+
+_register_train()
