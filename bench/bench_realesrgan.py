@@ -52,8 +52,8 @@ def run_case(args: argparse.Namespace) -> None:
     """One case in this (fresh) process; prints one JSON line."""
     import torch
     from PIL import Image
-    from skimage import data
 
+    from model.photo_eval import load_photo
     from model.realesrgan import RealESRGANUpscaler
     from model.upscaler import UpscaleOptions
 
@@ -65,7 +65,7 @@ def run_case(args: argparse.Namespace) -> None:
     )
     upscaler.warm_up()
     load = time.perf_counter() - started
-    image = Image.fromarray(data.chelsea()).resize((side, side), Image.Resampling.BICUBIC)
+    image = load_photo("chelsea").resize((side, side), Image.Resampling.BICUBIC)
     cuda = args.device.startswith("cuda")
     if cuda:  # the peak of this job alone, above the loaded weights
         torch.cuda.synchronize()

@@ -206,7 +206,7 @@ class ServiceProcesses:
         for process in [self.api, *self.workers]:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(
-                    f"{process.args} exited with {process.returncode}\n{self.logs()}"
+                    f"{process.args!r} exited with {process.returncode}\n{self.logs()}"
                 )
 
     def logs(self) -> str:

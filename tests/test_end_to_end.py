@@ -112,6 +112,7 @@ def test_s3_backend_end_to_end_with_presigned_redirect(
     service = start_service(
         redis_server.url,
         tmp_path,
+        workers=1,
         SPASEMSR_WORKER__MODELS='["lanczos"]',
         SPASEMSR_MODEL__DEFAULT="lanczos",
         SPASEMSR_API__RESULT_DELIVERY="redirect",
@@ -161,10 +162,12 @@ def spasemsr_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 def test_a_photo_with_no_parameters_gets_a_real_result(spasemsr_service: ServiceProcesses) -> None:
     """The first thing a new user does: a real photograph, nothing but the image."""
-    from skimage import data as photos
+    from model.photo_eval import load_photo
 
-    original = Image.fromarray(photos.chelsea())
-    small = original.resize((128, round(128 * original.height / original.width)), Image.BICUBIC)
+    original = load_photo("chelsea")  # scikit-image's cat, 451 x 300
+    small = original.resize(
+        (128, round(128 * original.height / original.width)), Image.Resampling.BICUBIC
+    )
     with httpx.Client(base_url=spasemsr_service.url, timeout=60) as client:
         model = client.get("/v1/model").json()
         assert (model["name"], model["trained"], model["licence"]) == (
@@ -180,7 +183,7 @@ def test_a_photo_with_no_parameters_gets_a_real_result(spasemsr_service: Service
         assert job["model_trained"] is True and job["warnings"] == []
         result = Image.open(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/result").content))
     assert result.size == (512, small.height * 4)
-    reference = np.asarray(original.resize(result.size, Image.LANCZOS), dtype=np.float64)
+    reference = np.asarray(original.resize(result.size, Image.Resampling.LANCZOS), dtype=np.float64)
     error = np.mean((np.asarray(result.convert("RGB"), dtype=np.float64) - reference) ** 2)
     # The untrained pipeline scored 12.6-16.4 dB here (noise); a real restoration is far above.
     assert 10 * np.log10(255**2 / error) > 24
@@ -201,7 +204,9 @@ def test_spasemsr_job_end_to_end(spasemsr_service: ServiceProcesses) -> None:
         job = wait_for_status(client, created.json()["id"], {"succeeded", "failed"}, 180)
         assert job["status"] == "succeeded", job
         assert job["model"] == "spasemsr" and job["model_trained"] is False
-        assert any("untrained" in warning for warning in job["warnings"])
+        warnings = job["warnings"]
+        assert isinstance(warnings, list)
+        assert any("untrained" in warning for warning in warnings)
         result = client.get(f"/v1/jobs/{job['id']}/result")
         assert Image.open(io.BytesIO(result.content)).size == (92, 68)
         timings = job["timings"]
@@ -238,8 +243,10 @@ def test_spasemsr_running_job_is_canceled_at_its_next_step(
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
         job = wait_for_status(client, job_id, {"canceled", "succeeded", "failed"}, 60)
         assert job["status"] == "canceled", job
-        assert job["error"]["type"] == "job-canceled"
-        assert job["progress"]["stage"] == "canceled"
+        error, progress = job["error"], job["progress"]
+        assert isinstance(error, dict) and isinstance(progress, dict)
+        assert error["type"] == "job-canceled"
+        assert progress["stage"] == "canceled"
         # The worker is free again: the next job runs.
         after = client.post(
             "/v1/jobs",

@@ -115,7 +115,9 @@ def _usage() -> tuple[list[Shown], list[str]]:
 
 def _flags_of(command: typer.core.TyperCommand) -> set[str]:
     """Every spelling of every option, ``-h``/``--help`` included (set once for the app)."""
-    flags = set(app.info.context_settings.get("help_option_names", ["--help"]))
+    context_settings = app.info.context_settings
+    assert context_settings is not None
+    flags = set(context_settings.get("help_option_names", ["--help"]))
     for parameter in command.params:
         if isinstance(parameter, typer.core.TyperOption):
             flags.update(parameter.opts + parameter.secondary_opts)

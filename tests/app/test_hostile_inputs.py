@@ -201,7 +201,9 @@ def test_alpha_is_upscaled_separately_and_kept(client: TestClient, runtime: Work
     _run_on_worker(runtime, flattened["id"])
     jpeg = Image.open(io.BytesIO(client.get(f"/v1/jobs/{flattened['id']}/result").content))
     assert jpeg.mode == "RGB"
-    assert min(jpeg.getpixel((22, 10))) > 240  # the transparent half became white
+    pixel = jpeg.getpixel((22, 10))
+    assert isinstance(pixel, tuple)
+    assert min(pixel) > 240  # the transparent half became white
 
 
 def test_slow_upload_gets_408(redis_server: EmbeddedRedis, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from PIL import Image
 from redis import Redis
 
 from core.embedded_redis import EmbeddedRedis
+from core.redis_conn import text
 from tests.conftest import free_port, png_bytes, start_service, wait_for_status
 
 FAST_RECOVERY = {
@@ -61,7 +62,7 @@ def _wait_all(
 
 def _record(redis_url: str, job_id: str) -> dict[str, object]:
     raw = Redis.from_url(redis_url).hgetall(f"spasemsr:job:{job_id}")
-    return {k.decode(): json.loads(v) for k, v in raw.items() if k != b"cancel_requested"}
+    return {text(k): json.loads(v) for k, v in raw.items() if text(k) != "cancel_requested"}
 
 
 def _results(tmp_path: Path) -> list[str]:
@@ -278,7 +279,9 @@ def test_queue_ttl_and_run_timeout_end_with_their_own_errors(
             service.start_worker()
             slow = _submit(client, slow_image(), scale="4")
             job = wait_for_status(client, slow, {"succeeded", "failed"}, 60)
-            assert job["status"] == "failed" and job["error"]["type"] == "run-timeout", job
+            error = job["error"]
+            assert job["status"] == "failed" and isinstance(error, dict), job
+            assert error["type"] == "run-timeout", job
             quick = _submit(client, png_bytes(), scale="2")  # the worker is still fine
             assert wait_for_status(client, quick, {"succeeded"}, 30)["status"] == "succeeded"
     finally:

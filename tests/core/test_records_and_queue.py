@@ -110,7 +110,7 @@ def test_queue_carries_json_only_and_orders_by_priority(connection: Redis) -> No
     assert queue.position(default.id, lanczos, Priority.DEFAULT) == 1
     assert queue.position(low.id, lanczos, Priority.LOW) == 2
     raw = connection.hget(f"rq:job:{default.id}", "data")
-    assert raw is not None
+    assert isinstance(raw, bytes)
     data = json.loads(zlib.decompress(raw))  # RQ compresses; underneath it is JSON, not pickle
     assert data[0] == "worker.tasks.run_job"
     assert data[2][0]["job_id"] == default.id

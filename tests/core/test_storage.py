@@ -21,10 +21,10 @@ def _s3(endpoint: str, bucket: str, **extra: object) -> S3Storage:
             backend="s3",
             s3_endpoint_url=endpoint,
             s3_bucket=bucket,
-            s3_access_key_id="testing",  # type: ignore[arg-type]
-            s3_secret_access_key="testing",  # type: ignore[arg-type]
+            s3_access_key_id="testing",
+            s3_secret_access_key="testing",
             s3_create_bucket=True,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )
     )
 
@@ -174,8 +174,8 @@ def test_unreachable_s3_is_storage_unavailable() -> None:
         StorageSettings(
             backend="s3",
             s3_endpoint_url="http://127.0.0.1:9",
-            s3_access_key_id="x",  # type: ignore[arg-type]
-            s3_secret_access_key="y",  # type: ignore[arg-type]
+            s3_access_key_id="x",
+            s3_secret_access_key="y",
         )
     )
     with pytest.raises(StorageUnavailable):

@@ -95,7 +95,7 @@ def test_trained_blocks_are_taken_from_the_blocks_folder(
         copy.save_pretrained(blocks / name)
     folder = assemble_pipeline(tmp_path / "trained", base=base, blocks=blocks, configuration="tiny")
     pipe = SpaSemSRPipeline.from_pretrained(folder)
-    assert pipe.config.trained is True
+    assert pipe.config["trained"] is True
     for name, state in changed.items():
         loaded = getattr(pipe, name).state_dict()
         for key, tensor in state.items():

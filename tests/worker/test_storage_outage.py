@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import cast
+from typing import TypedDict, Unpack, cast
 
 import httpx
 import pytest
@@ -186,7 +186,18 @@ def test_an_upload_during_a_storage_outage_says_when_to_retry(
 # In-process: the real job runner and recovery against a real Redis and local storage.
 
 
-def _runtime(settings: Settings, tmp_path: Path, **worker: object) -> WorkerRuntime:
+class _WorkerOverrides(TypedDict, total=False):
+    """The worker settings these tests shorten (names and types as in ``WorkerSettings``)."""
+
+    queue_ttl_seconds: float
+    retry_backoff_seconds: float
+    storage_retry_attempts: int
+    storage_retry_first_wait_seconds: float
+
+
+def _runtime(
+    settings: Settings, tmp_path: Path, **worker: Unpack[_WorkerOverrides]
+) -> WorkerRuntime:
     return in_process_runtime(settings, tmp_path / "storage", **worker)
 
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
+from model.photo_eval import load_photo
 from model.realesrgan import RealESRGANUpscaler
 from model.realesrgan.catalogue import package_models_dir
 
 
 def photo(width: int, height: int) -> Image.Image:
     """scikit-image's ``chelsea`` (a 451x300 photograph of a cat) resized with a box filter."""
-    return Image.fromarray(data.chelsea()).resize((width, height), Image.Resampling.BOX)
+    return load_photo("chelsea").resize((width, height), Image.Resampling.BOX)
 
 
 def psnr(reference: np.ndarray, test: np.ndarray, peak: float = 1.0) -> float:

@@ -126,7 +126,7 @@ def test_x4plus_is_converted_from_the_installed_package(
     assert set(provenance["files"]) == {"realesrgan-x4plus.param", "realesrgan-x4plus.bin"}
     assert provenance["post_resize"] == {}  # x2 / x3: Lanczos, Real-ESRGAN's --outscale
     config = x4plus.net.config
-    assert (config.num_features, config.num_blocks, config.growth_channels) == (64, 23, 32)
+    assert (config["num_features"], config["num_blocks"], config["growth_channels"]) == (64, 23, 32)
     assert sum(p.numel() for p in x4plus.net.parameters()) == 16_697_987
 
 

@@ -48,5 +48,5 @@ def test_a_demo_folder_with_the_toy_drm_is_rebuilt(tmp_path: Path, cache_root: P
 
 def test_tiny_grounders_keep_the_toy_drm() -> None:
     grounder = build_tiny_grounder(seed=0)
-    assert grounder.drm is not None and grounder.drm.config.num_blocks == 1
+    assert grounder.drm is not None and grounder.drm.config["num_blocks"] == 1
     assert not grounder.config.drm_trained

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from torch.nn import functional
 
 from model.realesrgan import RealESRGANUpscaler
@@ -101,7 +102,9 @@ def test_the_agreement_test_can_fail(models_dir: Path, animevideo: RealESRGANUps
     """One wrong layer (the last conv's bias nudged by 0.02) is caught by the same measure."""
     image = photo(WIDTH, HEIGHT)
     reference = np.clip(run_ncnn(models_dir, "realesr-animevideov3-x4", np.asarray(image)), 0, 1)
-    bias = animevideo.net.body[-1].bias
+    last = animevideo.net.body[-1]
+    assert isinstance(last, nn.Conv2d) and last.bias is not None
+    bias = last.bias
     bias.data += 0.02
     try:
         ours = animevideo.upscale(image, UpscaleOptions(scale=4)).image

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.grounding.drm import RRDBNet
+from model.grounding.drm import RRDB, RRDBNet
 from model.realesrgan.ncnn import Graph, PostResize, check_against_module, convert
 from model.realesrgan.srvgg import SRVGGNetCompact
 
@@ -74,7 +74,11 @@ def write_srvgg(net: SRVGGNetCompact, *, fp16: bool = True, resize: str = "") ->
     layers = list(net.body)
     x = "data"
     for module in layers:
-        x = writer.conv(x, module) if isinstance(module, nn.Conv2d) else writer.prelu(x, module)
+        if isinstance(module, nn.Conv2d):
+            x = writer.conv(x, module)
+        else:
+            assert isinstance(module, nn.PReLU)
+            x = writer.prelu(x, module)
     up = net.scale_factor
     x = writer.layer("PixelShuffle", [x], f"0={up}")
     base = writer.layer("Interp", ["data"], f"0=1 1={up:e} 2={up:e}")
@@ -90,6 +94,7 @@ def write_rrdbnet(net: RRDBNet, *, fp16: bool = True) -> NcnnWriter:
     first = writer.conv("data", net.conv_first)
     features = first
     for block in net.body:
+        assert isinstance(block, RRDB)
         block_input = features
         for rdb in (block.rdb1, block.rdb2, block.rdb3):
             dense = [features]
@@ -110,12 +115,15 @@ def write_rrdbnet(net: RRDBNet, *, fp16: bool = True) -> NcnnWriter:
 
 def tiny_rrdbnet(seed: int = 0) -> RRDBNet:
     torch.manual_seed(seed)
-    return RRDBNet(num_features=4, num_blocks=2, growth_channels=2, scale=4).eval()
+    net: RRDBNet = RRDBNet(num_features=4, num_blocks=2, growth_channels=2, scale=4)
+    net.eval()
+    return net
 
 
 def tiny_srvgg(seed: int = 0) -> SRVGGNetCompact:
     torch.manual_seed(seed)
-    net = SRVGGNetCompact(num_features=4, num_convs=3, upscale=4).eval()
+    net: SRVGGNetCompact = SRVGGNetCompact(num_features=4, num_convs=3, upscale=4)
+    net.eval()
     for module in net.body:
         if isinstance(module, nn.PReLU):
             module.weight.data.uniform_(0.0, 0.5)  # distinct slopes, so a mix-up shows
@@ -252,7 +260,9 @@ def test_a_shape_unlike_the_module_is_refused() -> None:
 def test_fp16_weights_keep_their_values(tmp_path: Path) -> None:
     net = tiny_srvgg()
     converted = convert(*write_srvgg(net, fp16=True).write(tmp_path, "net"))
-    expected = net.body[0].weight.detach().numpy().astype(np.float16).astype(np.float32)
+    first = net.body[0]
+    assert isinstance(first, nn.Conv2d)
+    expected = first.weight.detach().numpy().astype(np.float16).astype(np.float32)
     assert np.array_equal(converted.state_dict["body.0.weight"].numpy(), expected)
 
 

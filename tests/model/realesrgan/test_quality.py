@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 
+from model.photo_eval import load_photo
 from model.realesrgan import RealESRGANUpscaler
 from model.upscaler import UpscaleOptions
 
@@ -38,7 +38,7 @@ def edge_energy(image: Image.Image) -> float:
 def test_x4plus_restores_a_photo_downscaled_by_four(
     x4plus: RealESRGANUpscaler, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    original = Image.fromarray(data.chelsea()).crop((0, 0, 448, 300))
+    original = load_photo("chelsea").crop((0, 0, 448, 300))
     small = original.resize((112, 75), Image.Resampling.BICUBIC)
     bicubic = small.resize(original.size, Image.Resampling.BICUBIC)
     restored = x4plus.upscale(small, UpscaleOptions(scale=4)).image
