@@ -1,3 +1,4 @@
+# mypy: disallow-untyped-calls=False
 """SpaSemSR model figures on this machine (CPU unless --device says otherwise).
 
     python bench/bench_model.py                # tiny pipeline stages + sd2 step (a minute or two on
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -122,7 +124,7 @@ def bench_sd2(device: str) -> None:
 
     print("\n## sd2 configuration, random weights\n")
     with torch.device("meta"):
-        vae = AutoencoderKL(**SD2.vae)
+        vae: Any = AutoencoderKL(**SD2.vae)  # diffusers' classes are untyped
         text = CLIPTextModel(CLIPTextConfig(**SD2.text_encoder))
         sam = SamVisionModel(SamVisionConfig(**SD2.semantic_encoder))
         image_encoder = ImageEncoder(
@@ -133,7 +135,8 @@ def bench_sd2(device: str) -> None:
         )
     started = time.perf_counter()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD2.unet).eval()
+    unet: Any = UNet2DConditionModel(**SD2.unet)
+    unet.eval()
     channels = 4 + SD2.semantic_encoder["output_channels"]
     controlnet = SpatialSemanticControlNet.from_unet(unet, conditioning_channels=channels).eval()
     additions = SpaSemSRUNetAttention.from_unet(unet).eval()
