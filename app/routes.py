@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import ValidationError
@@ -15,37 +15,19 @@ from app.errors import problem_response
 from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelList, ModelPublic
 from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
-from app.uploads import check_image
 from core.errors import (
     DependencyUnavailable,
-    IdempotencyKeyInUse,
     InputMissing,
     InvalidParameters,
     JobAlreadyFinished,
     JobNotFinished,
-    ModelNotServed,
-    Overloaded,
     ResultGone,
     StorageUnavailable,
-    TooManyPixels,
-    UploadTooLarge,
 )
-from core.jobs import (
-    ImageInfo,
-    JobPayload,
-    JobRecord,
-    JobStatus,
-    input_key_for,
-    new_job_id,
-    output_key_for,
-    utcnow,
-)
-from core.limits import request_fingerprint
+from core.jobs import JobParameters, JobRecord, JobStatus, utcnow
 from core.models import ModelName, default_model
-from core.queue import Admission
 from core.recovery import expire_if_stale
-from core.settings import Settings
-from core.webhooks import WebhookRefused, check_url
+from core.submission import Submission
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +60,10 @@ def _job_warnings(record: JobRecord, grounding: dict[str, Any] | None) -> list[s
 
 
 def _public(record: JobRecord, services: Services) -> JobPublic:
-    position = None
-    if record.status is JobStatus.QUEUED and record.model is not None:
-        position = services.queue.position(
-            record.rq_job_id or record.id, record.model, record.priority
-        )
+    return _view(record, services.submissions.position(record))
+
+
+def _view(record: JobRecord, position: int | None) -> JobPublic:
     found = record.details.get("grounding")
     grounding = found if isinstance(found, dict) else None
     return JobPublic(
@@ -107,19 +88,6 @@ def _public(record: JobRecord, services: Services) -> JobPublic:
     )
 
 
-def _admission(services: ServicesDep) -> Iterator[Admission]:
-    """The request's place in its model's line, given back when the request ends if its job's
-    enqueue did not take it over (refused later, replayed, storage down)."""
-    admission = Admission(services.queue)
-    try:
-        yield admission
-    finally:
-        admission.release()
-
-
-AdmissionDep = Annotated[Admission, Depends(_admission)]
-
-
 @router.post(
     "/v1/jobs",
     status_code=status.HTTP_202_ACCEPTED,
@@ -135,7 +103,6 @@ async def create_job(
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
     form: Annotated[JobCreate, Form()],
     response: Response,
-    admission: AdmissionDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -144,80 +111,24 @@ async def create_job(
         ),
     ] = None,
 ) -> JobPublic:
-    settings = services.settings
+    """Parse, then delegate: the submission service checks, admits, stores and queues the job
+    in one worker thread, as all of it blocks (Redis, storage, decoding, webhook DNS)."""
     await _refuse_unknown_fields(request)
-    model, trained = await run_in_threadpool(_choose_model, form.model, services)
-    try:
-        parameters = form.parameters(model)
-    except ValidationError as exc:
-        raise InvalidParameters(_first_message(exc)) from exc
-    data = await _read_capped(image, settings.api.max_upload_bytes)
-    checked = await run_in_threadpool(
-        check_image,
-        data,
-        max_bytes=settings.api.max_upload_bytes,
-        max_pixels=settings.api.max_input_pixels,
-    )
-    output_pixels = checked.width * checked.height * parameters.scale**2
-    if output_pixels > settings.api.max_output_pixels:
-        raise TooManyPixels(
-            f"At scale {parameters.scale} the output would be {output_pixels} pixels; "
-            f"the limit is {settings.api.max_output_pixels}."
-        )
-    if form.webhook_url is not None:
-        await run_in_threadpool(_check_webhook, form.webhook_url, settings)
-    job_id = new_job_id()
-    await run_in_threadpool(_refuse_when_full, services, model, job_id, admission)
-    if idempotency_key is not None:
-        fingerprint = request_fingerprint(data, parameters.model_dump_json(), form.priority)
-        earlier = services.idempotency.claim(
-            principal.name, idempotency_key, job_id=job_id, fingerprint=fingerprint
-        )
-        if earlier is not None:
-            return _replay(earlier, services, response)
-    info = ImageInfo(
-        width=checked.width, height=checked.height, format=checked.format, bytes=len(data)
-    )
-    record = JobRecord(
-        id=job_id,
-        status=JobStatus.QUEUED,
+    submission = Submission(
+        data=await _read_upload(image, services.settings.api.max_upload_bytes),
+        model=form.model,
+        parameters_for=partial(_parameters, form),
         priority=form.priority,
-        parameters=parameters,
-        input=info,
-        input_key=input_key_for(job_id),
-        output_key=output_key_for(job_id, parameters.output_format),
-        created_at=utcnow(),
-        owner=principal.name if principal.authenticated else None,
         webhook_url=form.webhook_url,
-        model_trained=trained,
+        client=principal.name,
+        owner=principal.name if principal.authenticated else None,
+        idempotency_key=idempotency_key,
     )
-    try:
-        await run_in_threadpool(
-            services.storage.put, record.input_key, data, content_type=checked.format.media_type
-        )
-        services.jobs.create(record)
-        services.queue.enqueue(
-            JobPayload(
-                job_id=job_id,
-                input_key=record.input_key,
-                output_key=record.output_key,
-                input=info,
-                parameters=parameters,
-            ),
-            form.priority,
-            timeout_seconds=settings.worker.job_timeout_seconds,
-            keep_seconds=settings.worker.record_ttl_seconds,
-        )
-    except BaseException:
-        # Nothing half-accepted stays behind: no orphan input, no record without a queue entry.
-        await run_in_threadpool(_forget, services, record)
-        if idempotency_key is not None:
-            services.idempotency.release(principal.name, idempotency_key)
-        raise
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    logger.info("job %s queued (%s, %dx%d, x%d)",
-                job_id, model.value, info.width, info.height, parameters.scale)  # fmt: skip
-    return _public(record, services)
+    accepted = await run_in_threadpool(services.submissions.submit, submission)
+    response.headers["Location"] = f"/v1/jobs/{accepted.record.id}"
+    if accepted.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return _view(accepted.record, accepted.position)
 
 
 FORM_FIELDS = frozenset(JobCreate.model_fields) | {"image"}
@@ -233,95 +144,17 @@ async def _refuse_unknown_fields(request: Request) -> None:
         raise InvalidParameters("Send exactly one 'image' file part.")
 
 
-def _choose_model(requested: ModelName | None, services: Services) -> tuple[ModelName, bool | None]:
-    """The model a request gets, and whether its weights are trained as far as is known.
-
-    The default model is always accepted (its jobs wait for a worker, like any job while
-    workers start); a model named explicitly must be held by a live worker, warming included.
-    """
-    default = default_model(services.settings)
-    live = services.workers.live()
-    chosen = requested or default
-    served = {name for worker in live for name in worker.serving}
-    if chosen is not default and chosen not in served:
-        names = sorted(name.value for name in served | {default})
-        raise ModelNotServed(
-            f"No worker of this service serves {chosen.value!r}; served: {', '.join(names)}.",
-            served=names,
-        )
-    trained = next(
-        (info.trained for worker in live for info in worker.models if info.name is chosen), None
-    )
-    return chosen, trained
+async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
+    """The file part's bytes, at most one past the cap: enough for the service to refuse them
+    (the body is in already, held by the form parser, and the middleware capped it)."""
+    return await upload.read(max_bytes + 1)
 
 
-def _forget(services: Services, record: JobRecord) -> None:
+def _parameters(form: JobCreate, model: ModelName) -> JobParameters:
     try:
-        services.storage.delete(record.input_key)
-        services.jobs.delete(record.id)
-    except Exception:  # the original error matters more; this is best effort
-        logger.warning("could not clean up after the failed enqueue of %s", record.id)
-
-
-async def _read_capped(upload: UploadFile, max_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(1024 * 1024):
-        size += len(chunk)
-        if size > max_bytes:
-            raise UploadTooLarge(f"The image is larger than the limit of {max_bytes} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _check_webhook(url: str, settings: Settings) -> None:
-    if settings.webhooks.secret is None:
-        raise WebhookRefused("Webhooks are not enabled on this service.")
-    check_url(url, allow_networks=settings.webhooks.allow_networks)
-
-
-def _replay(job_id: str, services: Services, response: Response) -> JobPublic:
-    if not services.jobs.exists(job_id):
-        raise IdempotencyKeyInUse(
-            "The first request with this Idempotency-Key has not finished; retry shortly."
-        )
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    response.headers["Idempotent-Replayed"] = "true"
-    return _public(services.jobs.get(job_id), services)
-
-
-def _refuse_when_full(
-    services: Services, model: ModelName, job_id: str, admission: Admission
-) -> None:
-    """Backpressure per model: each model has its own queues and often its own worker pool, so
-    one stalled model (its pool down or still warming) must not refuse the others' uploads.
-
-    The depth cap is hard: the place is reserved atomically (every API process together)
-    and held until the job is queued; the age limit is read, a softer signal."""
-    api = services.settings.api
-    oldest = min(
-        (
-            stamp
-            for (name, _), stamp in services.queue.oldest_enqueued().items()
-            if name is model and stamp is not None
-        ),
-        default=None,
-    )
-    if oldest is not None:
-        age = (utcnow() - oldest).total_seconds()
-        if age > api.max_queue_age_seconds:
-            raise Overloaded(
-                f"The oldest queued {model.value} job has waited {age:.0f} s "
-                f"(limit {api.max_queue_age_seconds:.0f} s); retry later.",
-                retry_after_seconds=api.retry_after_seconds,
-            )
-    depth = admission.reserve(model, job_id, cap=api.max_queue_depth)
-    if depth is not None:
-        raise Overloaded(
-            f"{depth} {model.value} jobs are waiting or being admitted "
-            f"(limit {api.max_queue_depth}); retry later.",
-            retry_after_seconds=api.retry_after_seconds,
-        )
+        return form.parameters(model)
+    except ValidationError as exc:
+        raise InvalidParameters(_first_message(exc)) from exc
 
 
 def _first_message(exc: ValidationError) -> str:
@@ -432,7 +265,8 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
     if record.status is JobStatus.PROCESSING:
         jobs.request_cancel(job_id)
         return _public(jobs.get(job_id), services)
-    raise JobAlreadyFinished(f"Job {job_id} is already {record.status.value}.")
+    ended = "been canceled" if record.status is JobStatus.CANCELED else record.status.value
+    raise JobAlreadyFinished(f"Job {job_id} has already {ended}.")
 
 
 @router.get(

@@ -110,31 +110,44 @@ class IdempotencyKeys:
     def __init__(self, connection: Redis, *, prefix: str, ttl_seconds: int) -> None:
         self._redis = connection
         self._prefix = f"{prefix}:idempotency:"
-        self._ttl_seconds = ttl_seconds
+        self.ttl_seconds = ttl_seconds
 
-    def _key(self, owner: str, key: str) -> str:
+    def key_for(self, owner: str, key: str) -> str:
+        """The Redis key of ``owner``'s ``key`` (hashed: a client's key is not a key name)."""
         return self._prefix + hashlib.sha256(f"{owner}\x00{key}".encode()).hexdigest()
 
-    def claim(self, owner: str, key: str, *, job_id: str, fingerprint: str) -> str | None:
-        """Claim the key for a new job; returns the earlier job's id if it was claimed before.
+    @staticmethod
+    def value_for(job_id: str, fingerprint: str) -> str:
+        """What a claim stores: the job it created and the request it came from."""
+        return json.dumps({"job_id": job_id, "fingerprint": fingerprint})
 
-        Raises ``IdempotencyKeyMismatch`` when the earlier request was a different one.
-        """
-        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
-        if self._redis.set(self._key(owner, key), value, nx=True, ex=self._ttl_seconds):
-            return None
-        raw = self._redis.get(self._key(owner, key))
-        if raw is None:  # expired between the two calls: claim again
-            return self.claim(owner, key, job_id=job_id, fingerprint=fingerprint)
-        earlier = json.loads(raw)
+    @staticmethod
+    def earlier_job(value: str | bytes, fingerprint: str) -> str:
+        """The job of an earlier claim's ``value``, if it was the same request; raises
+        ``IdempotencyKeyMismatch`` when it was a different one."""
+        earlier = json.loads(value)
         if earlier["fingerprint"] != fingerprint:
             raise IdempotencyKeyMismatch(
                 "This Idempotency-Key was used for a different image or different parameters."
             )
         return str(earlier["job_id"])
 
+    def claim(self, owner: str, key: str, *, job_id: str, fingerprint: str) -> str | None:
+        """Claim the key for a new job; returns the earlier job's id if it was claimed before.
+
+        Raises ``IdempotencyKeyMismatch`` when the earlier request was a different one. (The
+        submission path claims inside its admission script instead: ``JobQueue.admit``.)
+        """
+        value = self.value_for(job_id, fingerprint)
+        if self._redis.set(self.key_for(owner, key), value, nx=True, ex=self.ttl_seconds):
+            return None
+        raw = self._redis.get(self.key_for(owner, key))
+        if raw is None:  # expired between the two calls: claim again
+            return self.claim(owner, key, job_id=job_id, fingerprint=fingerprint)
+        return self.earlier_job(raw, fingerprint)
+
     def release(self, owner: str, key: str) -> None:
-        self._redis.delete(self._key(owner, key))
+        self._redis.delete(self.key_for(owner, key))
 
 
 def request_fingerprint(image: bytes, parameters_json: str, priority: str) -> str:

@@ -4,17 +4,22 @@ The API enqueues by the task's dotted name, so it never imports the worker (or t
 names are ``<prefix>-<model>-<priority>`` (e.g. ``spasemsr-realesrgan-x4plus-high``), so a
 worker serves exactly the models it holds warm, and an autoscaler can read one model's queues.
 
-Admission to a model's line is atomic across API processes: ``reserve`` counts the model's
-queued jobs plus the places reserved by uploads still being stored, and reserves one only
-below the cap; the job's enqueue turns its place into its queue entry in one transaction.
+Admission to a model's line is atomic across API processes: ``admit`` checks the age of the
+model's oldest queued job, counts its queued jobs plus the places reserved by uploads still
+being stored, and reserves one only below the cap, all in one script (one round trip); the
+job's entry (``stage_entry``, in the caller's transaction) turns its place into its queue entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import IntEnum
+from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, cancel_job
@@ -35,20 +40,95 @@ ADMISSION_HOLD_SECONDS = 60
 """How long a reserved place waits for its job's enqueue: longer than storing any upload, and
 the most a crashed API process's places can hold back others."""
 
+# RQ's ``enqueued_at`` (``2024-05-01T12:00:00.123456Z``, UTC) as Unix seconds, or nil.
+_LUA_EPOCH = """
+local function epoch(stamp)
+  local y, mo, d, h, mi, sec = string.match(
+    stamp, '^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+%.?%d*)Z?$')
+  if not y then return nil end
+  y, mo = tonumber(y), tonumber(mo)
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + tonumber(d) - 1
+  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return (days - 719468) * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
+end
+"""
+"""Days from the civil date (the proleptic Gregorian algorithm of Howard Hinnant's
+``days_from_civil``): Lua in Redis has no date functions."""
+
 # KEYS[1]: the model's reserved places (sorted set: job id -> expiry in ms, Redis clock, so API
-# hosts' clocks do not matter); KEYS[2..]: its RQ queue lists. ARGV: cap, job id, hold (ms).
-# One script: no other API process can count or reserve between our count and our reservation.
-_RESERVE = """
+# hosts' clocks do not matter); KEYS[2..]: its RQ queue lists, then, with a claim, the key to
+# claim with the place (an Idempotency-Key). ARGV: cap, job id, hold (ms), the oldest enqueue
+# time a queue head may have (Unix seconds, the API's clock, as RQ's stamps are), RQ's job key
+# prefix, the claim's value ('' for no claim) and lifetime (s). One script: no other API
+# process can count or reserve between our count and our reservation, and all the checks cost
+# one round trip. The heads' job hashes are not in KEYS: one Redis (RQ needs one) has them all.
+_ADMIT = (
+    _LUA_EPOCH
+    + """
+local claiming = ARGV[6] ~= ''
+local last_queue = claiming and #KEYS - 1 or #KEYS
+local oldest = nil
+for i = 2, last_queue do
+  local head = redis.call('LINDEX', KEYS[i], 0)
+  if head then
+    local stamp = redis.call('HGET', ARGV[5] .. head, 'enqueued_at')
+    local seconds = stamp and epoch(stamp)
+    if seconds and (oldest == nil or seconds < oldest) then oldest = seconds end
+  end
+end
+if oldest and oldest < tonumber(ARGV[4]) then return {2, string.format('%.6f', oldest)} end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local depth = redis.call('ZCARD', KEYS[1])
-for i = 2, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+for i = 2, last_queue do depth = depth + redis.call('LLEN', KEYS[i]) end
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
+if claiming then
+  local earlier = redis.call('GET', KEYS[#KEYS])
+  if earlier then return {3, earlier} end
+  redis.call('SET', KEYS[#KEYS], ARGV[6], 'EX', ARGV[7])
+end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, depth}
 """
+)
+
+
+class Outcome(IntEnum):
+    """What ``admit`` decided (the first number of the script's answer)."""
+
+    FULL = 0
+    ADMITTED = 1
+    TOO_OLD = 2
+    CLAIMED_BEFORE = 3
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A key set, only if it is not set yet, together with the reservation of a place."""
+
+    key: str
+    value: str
+    ttl_seconds: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    outcome: Outcome
+    depth: int = 0
+    """FULL: the depth that refused the job; ADMITTED: the depth before it."""
+    oldest_enqueued: float | None = None
+    """TOO_OLD: when the model's oldest queued job was enqueued (Unix seconds)."""
+    earlier_claim: str | None = None
+    """CLAIMED_BEFORE: the value an earlier request claimed the key with."""
+
+
+PositionReader = Callable[[Sequence[Any]], int]
+"""Computes a staged entry's place in line from its transaction's answers."""
 
 
 def queue_name(prefix: str, model: ModelName, priority: Priority) -> str:
@@ -59,7 +139,7 @@ class JobQueue:
     def __init__(self, connection: Redis, *, prefix: str) -> None:
         self._redis = connection
         self._prefix = prefix
-        self._reserve = connection.register_script(_RESERVE)
+        self._admit = connection.register_script(_ADMIT)
         self._queues: dict[QueueKey, Queue] = {
             (model, priority): Queue(
                 queue_name(prefix, model, priority),
@@ -112,8 +192,75 @@ class JobQueue:
     ) -> None:
         """Queue a job on its model's queue; a retry uses its own queue entry id and may wait
         ``delay_seconds``."""
-        queue = self._queues[(_model_of(payload), priority)]
-        job = queue.create_job(
+        if delay_seconds > 0:
+            queue = self._queues[(_model_of(payload), priority)]
+            job = self._create_job(queue, payload, timeout_seconds, keep_seconds, rq_job_id)
+            queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay_seconds))
+            return
+        with self._redis.pipeline() as pipe:  # MULTI: the entry replaces the job's reserved place
+            pipe.multi()
+            self.stage_entry(
+                pipe,
+                payload,
+                priority,
+                timeout_seconds=timeout_seconds,
+                keep_seconds=keep_seconds,
+                rq_job_id=rq_job_id,
+            )
+            pipe.execute()
+
+    def stage_entry(
+        self,
+        pipe: Pipeline,
+        payload: JobPayload,
+        priority: Priority,
+        *,
+        timeout_seconds: int,
+        keep_seconds: int,
+        rq_job_id: str | None = None,
+    ) -> PositionReader:
+        """Queue on ``pipe`` the job's RQ entry, exactly as ``Queue.enqueue_job`` writes it,
+        the end of its reserved place, and the lengths its place in line is read from: the
+        entry goes to the tail of its queue, so inside the transaction its place is the
+        lengths of the higher priorities' queues plus its own queue's, less one.
+
+        ``pipe`` must be a transaction begun with ``pipe.multi()`` before its first command
+        (RQ begins one itself only on an empty pipeline)."""
+        model = _model_of(payload)
+        queue = self._queues[(model, priority)]
+        job = self._create_job(queue, payload, timeout_seconds, keep_seconds, rq_job_id)
+        queue.enqueue_job(job, pipeline=pipe)
+        pipe.zrem(self._reservations_key(model), payload.job_id)
+        first = len(pipe)
+        pipe.llen(queue.key)
+        for higher in PRIORITY_ORDER[: PRIORITY_ORDER.index(priority)]:
+            pipe.llen(self._queues[(model, higher)].key)
+        last = len(pipe)
+
+        def position(answers: Sequence[Any]) -> int:
+            own, *ahead = answers[first:last]
+            return int(own) - 1 + sum(int(count) for count in ahead)
+
+        return position
+
+    def stage_withdrawal(
+        self, pipe: Pipeline, job_id: str, model: ModelName, priority: Priority
+    ) -> None:
+        """Queue on ``pipe`` the removal of whatever ``stage_entry`` may have written for a job
+        that is not accepted after all (its transaction's answer was lost), and of its place."""
+        pipe.lrem(self._queues[(model, priority)].key, 0, job_id)
+        pipe.delete(Job.key_for(job_id))
+        pipe.zrem(self._reservations_key(model), job_id)
+
+    @staticmethod
+    def _create_job(
+        queue: Queue,
+        payload: JobPayload,
+        timeout_seconds: int,
+        keep_seconds: int,
+        rq_job_id: str | None,
+    ) -> Job:
+        return queue.create_job(
             TASK,
             args=(payload.model_dump(mode="json"),),
             job_id=rq_job_id or payload.job_id,
@@ -122,31 +269,39 @@ class JobQueue:
             failure_ttl=keep_seconds,
             description=f"upscale job {payload.job_id}",
         )
-        if delay_seconds > 0:
-            queue.schedule_job(job, datetime.now(UTC) + timedelta(seconds=delay_seconds))
-            return
-        with self._redis.pipeline() as pipe:  # MULTI: the entry replaces the job's reserved place
-            queue.enqueue_job(job, pipeline=pipe)
-            pipe.zrem(self._reservations_key(_model_of(payload)), payload.job_id)
-            pipe.execute()
 
     def _reservations_key(self, model: ModelName) -> str:
         return f"{self._prefix}:admission:{model.value}"
 
-    def reserve(self, model: ModelName, job_id: str, *, cap: int) -> int | None:
-        """Reserve a place in ``model``'s line for ``job_id`` if fewer than ``cap`` jobs are
-        queued or reserved (every priority, every API process); ``None`` when reserved, else
-        the depth that refused it. The job's ``enqueue`` (or ``release``) gives it back."""
-        keys = [self._queues[(model, p)].key for p in PRIORITY_ORDER]
-        admitted, depth = self._reserve(
-            keys=[self._reservations_key(model), *keys],
-            args=[cap, job_id, ADMISSION_HOLD_SECONDS * 1000],
-        )
-        return None if int(admitted) == 1 else int(depth)
-
-    def release(self, model: ModelName, job_id: str) -> None:
-        """Give back a place that will not be used (nothing happens once the job is queued)."""
-        self._redis.zrem(self._reservations_key(model), job_id)
+    def admit(
+        self,
+        model: ModelName,
+        job_id: str,
+        *,
+        cap: int,
+        oldest_allowed: float,
+        claim: Claim | None = None,
+    ) -> Admission:
+        """Reserve a place in ``model``'s line for ``job_id`` unless the model's oldest queued
+        job was enqueued before ``oldest_allowed`` (Unix seconds) or ``cap`` jobs are queued or
+        reserved (every priority, every API process); with ``claim``, only if its key is not
+        set yet, which it then sets. One round trip. The job's entry (``stage_entry``) or its
+        withdrawal (``stage_withdrawal``) gives the place back; a place not given back expires
+        after ``ADMISSION_HOLD_SECONDS``."""
+        keys = [self._reservations_key(model)]
+        keys += [self._queues[(model, p)].key for p in PRIORITY_ORDER]
+        args: list[Any] = [cap, job_id, ADMISSION_HOLD_SECONDS * 1000, repr(oldest_allowed)]
+        args += [Job.redis_job_namespace_prefix, "", 0]
+        if claim is not None:
+            keys.append(claim.key)
+            args[-2:] = [claim.value, claim.ttl_seconds]
+        code, value = self._admit(keys=keys, args=args)
+        outcome = Outcome(int(code))
+        if outcome is Outcome.TOO_OLD:
+            return Admission(outcome, oldest_enqueued=float(text(value)))
+        if outcome is Outcome.CLAIMED_BEFORE:
+            return Admission(outcome, earlier_claim=text(value))
+        return Admission(outcome, depth=int(value))
 
     def position(self, job_id: str, model: ModelName, priority: Priority) -> int | None:
         """0-based place in line among the model's jobs: higher priorities go first."""
@@ -229,23 +384,3 @@ def _parse_stamp(stamp: object) -> datetime | None:
         return utcparse(text(stamp))
     except ValueError:
         return None
-
-
-class Admission:
-    """The place one request reserved in a line: given back when the request ends, unless the
-    job's enqueue already turned it into its queue entry."""
-
-    def __init__(self, queue: JobQueue) -> None:
-        self._queue = queue
-        self._held: tuple[ModelName, str] | None = None
-
-    def reserve(self, model: ModelName, job_id: str, *, cap: int) -> int | None:
-        depth = self._queue.reserve(model, job_id, cap=cap)
-        if depth is None:
-            self._held = (model, job_id)
-        return depth
-
-    def release(self) -> None:
-        if self._held is not None:
-            self._queue.release(*self._held)
-            self._held = None

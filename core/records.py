@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from core.errors import JobNotFound
 from core.jobs import JobRecord, JobStatus
@@ -63,15 +64,22 @@ class JobStore:
     def _key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
 
-    def create(self, record: JobRecord) -> None:
-        key = self._key(record.id)
-        fields = _encode(record.model_dump(mode="json"))
+    def create(self, record: JobRecord, *, pipeline: Pipeline | None = None) -> None:
+        """Write the record (and enter a queued one in the queued index) in one transaction;
+        with ``pipeline``, the writes are queued on it, to be part of the caller's."""
+        if pipeline is not None:
+            self._stage_create(pipeline, record)
+            return
         with self._redis.pipeline() as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self._ttl_seconds)
-            if record.status is JobStatus.QUEUED:
-                pipe.zadd(self.queued_index_key, {record.id: record.created_at.timestamp()})
+            self._stage_create(pipe, record)
             pipe.execute()
+
+    def _stage_create(self, pipe: Pipeline, record: JobRecord) -> None:
+        key = self._key(record.id)
+        pipe.hset(key, mapping=_encode(record.model_dump(mode="json")))
+        pipe.expire(key, self._ttl_seconds)
+        if record.status is JobStatus.QUEUED:
+            pipe.zadd(self.queued_index_key, {record.id: record.created_at.timestamp()})
 
     def get(self, job_id: str) -> JobRecord:
         raw = self._redis.hgetall(self._key(job_id))
@@ -120,10 +128,14 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return self._redis.hget(self._key(job_id), CANCEL_FIELD) is not None
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, job_id: str, *, pipeline: Pipeline | None = None) -> None:
+        """Remove the record and its queued-index entry; with ``pipeline``, queued on it."""
+        if pipeline is not None:
+            pipeline.delete(self._key(job_id))
+            pipeline.zrem(self.queued_index_key, job_id)
+            return
         with self._redis.pipeline() as pipe:
-            pipe.delete(self._key(job_id))
-            pipe.zrem(self.queued_index_key, job_id)
+            self.delete(job_id, pipeline=pipe)
             pipe.execute()
 
     def queued_since(self, before: float) -> list[str]:

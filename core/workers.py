@@ -15,7 +15,23 @@ from pydantic import BaseModel
 from redis import Redis
 
 from core.models import ModelName
-from core.redis_conn import text
+
+# KEYS[1]: the index (name -> expiry, Unix seconds); ARGV: now, the entries' key prefix.
+# Prune the expired names and read the live ones' entries in one round trip (the submission
+# path asks on every upload). MGET in slices: Lua's unpack has a stack limit. The entries are
+# not in KEYS (their names are only known here): one Redis, as RQ needs, has them all.
+_LIVE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local names = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+table.sort(names)
+local entries = {}
+for first = 1, #names, 500 do
+  local keys = {}
+  for i = first, math.min(first + 499, #names) do keys[#keys + 1] = ARGV[2] .. names[i] end
+  for _, entry in ipairs(redis.call('MGET', unpack(keys))) do entries[#entries + 1] = entry end
+end
+return entries
+"""
 
 
 class WorkerState(StrEnum):
@@ -66,6 +82,7 @@ class WorkerRegistry:
         self._redis = connection
         self._prefix = f"{prefix}:worker:"
         self._index = f"{prefix}:workers"
+        self._live = connection.register_script(_LIVE)
 
     def announce(self, info: WorkerInfo, *, ttl_seconds: float) -> None:
         with self._redis.pipeline() as pipe:
@@ -80,12 +97,8 @@ class WorkerRegistry:
             pipe.execute()
 
     def live(self) -> list[WorkerInfo]:
-        now = time.time()
-        self._redis.zremrangebyscore(self._index, "-inf", now)
-        names = sorted(text(n) for n in self._redis.zrangebyscore(self._index, now, "+inf"))
-        if not names:
-            return []
-        values = self._redis.mget([self._prefix + name for name in names])
+        """Workers whose entry has not expired, by name; one round trip."""
+        values = self._live(keys=[self._index], args=[repr(time.time()), self._prefix])
         return [WorkerInfo.model_validate(json.loads(v)) for v in values if v is not None]
 
     def warm(self) -> list[WorkerInfo]:
