@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.errors import install_error_handlers
 from app.metrics import ApiMetrics, HttpMetricsMiddleware, metrics_endpoint
+from app.openapi import DocsPolicyMiddleware, install_openapi
 from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
@@ -69,13 +71,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             services.redis.close()
 
-    app = FastAPI(
+    # The docs pages' Swagger UI and ReDoc come from a package, not a CDN: /docs works on a
+    # machine without internet.
+    app = FastAPIOffline(
         title="SpaSemSR Serve",
         version="0.1.0",
         summary="Spatial-semantic guided diffusion super-resolution as a service.",
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app)
+    app.add_middleware(DocsPolicyMiddleware)
     app.include_router(router)
     app.include_router(web_router)
     app.add_middleware(
