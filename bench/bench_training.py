@@ -2,11 +2,15 @@
 
     python bench/bench_training.py                       # 64-px patches, batch 4, 30 steps
     python bench/bench_training.py --resolution 128 --batch-size 8 --threads 2
+    python bench/bench_training.py --steps 200 --learning-rate 1e-3 --warmup-steps 0 --curve c.csv
 
 Runs :func:`model.training.train` end to end on generated HR images (no grounder: generic
-prompts; no checkpoint until the last step) and reports optimiser steps per second over the
-measured steps (after ``--warmup`` steps), the parameter split (trained / frozen), and the peak
-resident memory of the process (sampled with psutil) above the memory before training.
+prompts; each LR's caption measured from it; no checkpoint until the last step) and reports
+optimiser steps per second over the measured steps (after ``--warmup`` steps), the parameter
+split (trained / frozen), the peak resident memory of the process (sampled with psutil) above
+the memory before training, and each loss term's curve: first and last value, and the mean of
+the first and of the last ``--window`` steps (one step's value is one random batch, noisy);
+``--curve`` writes every step's terms as CSV.
 
 Figures, not pass/fail: the machine may be shared.
 """
@@ -14,6 +18,7 @@ Figures, not pass/fail: the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import tempfile
 import threading
@@ -70,6 +75,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--learning-rate", type=float, default=TrainingConfig.learning_rate)
+    parser.add_argument("--warmup-steps", type=int, default=TrainingConfig.warmup_steps)
+    parser.add_argument("--window", type=int, default=20, help="steps averaged per curve end")
+    parser.add_argument("--curve", type=Path, help="CSV file for every step's loss terms")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -95,6 +104,8 @@ def main() -> None:
             checkpoint_every=10**9,
             log_every=10**9,
             gradient_checkpointing=args.gradient_checkpointing,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
         )
         before = psutil.Process().memory_info().rss
         with PeakRss() as peak:
@@ -117,7 +128,31 @@ def main() -> None:
     print(f"steps/s: {rate:.2f} (median step {1000 * float(np.median(durations)):.0f} ms)")
     grown = (peak.peak - before) / 2**20
     print(f"peak RSS: {peak.peak / 2**20:.0f} MiB ({grown:+.0f} MiB during training)")
-    print(f"final losses: {', '.join(f'{k} {v:.4f}' for k, v in report.losses[-1].items())}")
+    print_curves(report.losses, args.window)
+    if args.curve is not None:
+        write_curve(args.curve, report.losses)
+
+
+def print_curves(losses: list[dict[str, float]], window: int) -> None:
+    """Per term: first and last step, and the means of the first and last ``window`` steps."""
+    width = max(len(name) for name in losses[0])
+    print(f"{len(losses)} steps; per term: first, mean of first {window}, of last {window}, last")
+    for name in losses[0]:
+        values = [step[name] for step in losses]
+        head, tail = np.mean(values[:window]), np.mean(values[-window:])
+        print(
+            f"  {name:<{width}}  {values[0]:.4f}  {head:.4f}  {tail:.4f}  {values[-1]:.4f}"
+            f"  ({100 * (tail - head) / head:+.0f} %)"
+        )
+
+
+def write_curve(path: Path, losses: list[dict[str, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", *losses[0]])
+        writer.writeheader()
+        for step, terms in enumerate(losses, start=1):
+            writer.writerow({"step": step, **terms})
 
 
 if __name__ == "__main__":

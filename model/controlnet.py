@@ -15,7 +15,10 @@ every cross-attention transformer block runs three attentions [F]:
 SemanticEncoder))``. Outputs: the usual zero-convolution residuals for the UNet's skip
 connections and middle block, and the per-resolution "spatial-semantic conditional embedding"
 (the last feature map of each level, before downsampling) read by the UNet decoder's
-semantic-enhanced image attention.
+semantic-enhanced image attention. In training the same embeddings are tied to the frozen
+``VAE(HR)`` and ``SAM(HR)`` features through light projection heads (the semantic degradation
+constraint, :mod:`model.training`), so that what the decoder reads carries the clean image's
+content.
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
 # mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Semantic-enhanced visual guidance (arXiv 2603.14112, Fig. 2b; DESIGN 1.2 step 5).
 
-Two trained encoders read the (bicubically upsampled) LR image:
+Two trained encoders read the LR image **bicubically upsampled to the output size**, not the raw
+LR, in training and at inference alike [I] (SeeSR / XPSR / PASD practice): the image encoder has
+the VAE encoder's 8x downsampling, so only the upsampled image gives features on the latent grid
+the ControlNet and the denoised latent share, pixel for pixel, at scale 2 and 4 alike; and its
+target, ``VAE(HR)``, is computed from an image of that same size. SAM resizes any input to its
+own 1024-px square, so for it the upsampling only fixes the geometry (the same crop of the same
+grid as the image encoder). What the LR *measures* (noise, blur, blockiness in the caption) is
+read off the raw LR, where the degradations live at their own scale.
 
 * the **image encoder**, latent-shaped, trained towards ``VAE(HR)`` (the "VAE degradation" term
   of ``L_SemDeg``, Eq. 11-12). Ours [I] is the SD VAE encoder architecture (diffusers

@@ -6,6 +6,10 @@ figure marks the position encoder frozen; the paper does not say what it is. Our
 weights: Fourier features as in GLIGEN's box embedder, ``4 coordinates x F frequencies x (sin,
 cos)`` with ``F = width / 8`` (128 for SD2's 1024-d OpenCLIP-H tokens), frequencies ``temperature
 ** (k / F)``.
+
+Every pair ``(sin, cos)`` has norm 1, so an embedding has norm ``sqrt(width / 2)`` whatever the
+box: its direction says where, its length says nothing. :mod:`model.text` therefore rescales it to
+the norm of the tokens it is added to.
 """
 
 from __future__ import annotations

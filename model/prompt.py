@@ -71,7 +71,9 @@ class GroundedPrompt:
     estimates: dict[str, float] = field(default_factory=dict)
     """Measured degradation estimates (noise, blur, blockiness, ...) from the grounder."""
     masks: tuple[Mask, ...] = ()
-    """Optional segmentation masks (SAM), none or one per box in the same order."""
+    """Optional segmentation masks (SAM), none or one per box in the same order. Carried for
+    whoever reads the grounding; no SpaSemSR block does (Fig. 2 feeds boxes only, through the
+    position encoder), so grounders compute them only when asked and training never does."""
 
     def __post_init__(self) -> None:
         if len(self.tags) != len(self.boxes):

@@ -5,6 +5,13 @@
   tokens, found through the tokenizer's character offsets) gets the position embedding of box
   ``i`` added (the "aligned token add", the circled plus of Fig. 2a). Other tokens are untouched.
 * Degradation-aware text ``T_deg``: the caption goes through the same frozen text encoder.
+
+The box embedding is added at the scale of the tokens it lands on, not at its own [I]: the
+Fourier features have norm ``sqrt(D / 2)`` whatever the encoder (22.6 at SD2's 1024-d width, 4
+at the tiny 32-d one), while a token's norm is whatever the encoder's final LayerNorm gains
+make it (about ``sqrt(D)`` at unit gains). Added raw, the box would outweigh the tag's meaning
+in one encoder and vanish in another; rescaled to the mean norm of the tag's own tokens, the
+sum carries what and where in equal measure in every encoder. The paper gives no scale.
 """
 
 from __future__ import annotations
@@ -84,16 +91,39 @@ def aligned_token_add(
     """The aligned token add of Fig. 2a: ``T_spa[j] = T[j] + P(box_i)`` for every token ``j`` of tag
     ``i``.
 
-    ``embeddings`` is ``(..., L, D)``, ``box_embeddings`` is ``(num_tags, D)``; returns a new
-    tensor.
+    ``embeddings`` is ``(..., L, D)``, ``box_embeddings`` is ``(num_tags, D)`` or, one set per
+    sequence, ``(..., num_tags, D)``; returns a new tensor.
     """
-    if len(token_indices) != box_embeddings.shape[0]:
-        raise ValueError(f"{len(token_indices)} tags but {box_embeddings.shape[0]} box embeddings")
+    if len(token_indices) != box_embeddings.shape[-2]:
+        raise ValueError(f"{len(token_indices)} tags but {box_embeddings.shape[-2]} box embeddings")
     out = embeddings.clone()
-    for indices, box_embedding in zip(token_indices, box_embeddings, strict=True):
+    for index, indices in enumerate(token_indices):
         if indices:
+            box_embedding = box_embeddings[..., index, :].unsqueeze(-2)
             out[..., list(indices), :] += box_embedding.to(out.dtype)
     return out
+
+
+def box_embeddings_at_token_scale(
+    embeddings: torch.Tensor, token_indices: Sequence[Sequence[int]], box_embeddings: torch.Tensor
+) -> torch.Tensor:
+    """Each box embedding rescaled to the mean norm of its tag's tokens (module docstring).
+
+    ``embeddings`` is ``(..., L, D)``, ``box_embeddings`` ``(num_tags, D)``; returns
+    ``(..., num_tags, D)``, one set per sequence. A tag without tokens gets zeros (nothing is
+    added to it anyway).
+    """
+    directions = box_embeddings / box_embeddings.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    scaled = []
+    for index, indices in enumerate(token_indices):
+        if indices:
+            scale = embeddings[..., list(indices), :].float().norm(dim=-1).mean(dim=-1)
+        else:
+            scale = embeddings.new_zeros(embeddings.shape[:-2], dtype=torch.float32)
+        scaled.append(scale[..., None] * directions[index].float())
+    if not scaled:
+        return embeddings.new_zeros(*embeddings.shape[:-2], 0, embeddings.shape[-1])
+    return torch.stack(scaled, dim=-2)
 
 
 class TextConditioner:
@@ -109,7 +139,7 @@ class TextConditioner:
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
-    def _tokenize(self, text: str, *, offsets: bool = False):  # type: ignore[no-untyped-def]
+    def _tokenize(self, text: str | list[str], *, offsets: bool = False):  # type: ignore[no-untyped-def]
         return self.tokenizer(
             text,
             padding="max_length",
@@ -128,6 +158,12 @@ class TextConditioner:
     def encode(self, text: str) -> torch.Tensor:
         """``(1, L, D)`` token embeddings of one text, truncated to the encoder's length."""
         return self._encode_ids(self._tokenize(text).input_ids)
+
+    @torch.no_grad()
+    def encode_many(self, texts: Sequence[str]) -> torch.Tensor:
+        """``(N, L, D)``: :meth:`encode` of each text, in one pass of the encoder (every text is
+        padded to the same length, so the batch changes nothing but the speed)."""
+        return self._encode_ids(self._tokenize(list(texts)).input_ids)
 
     def fit_tags(self, tags: Sequence[str], boxes: Sequence[Box]) -> tuple[list[str], list[Box]]:
         """Drop trailing tags (and their boxes) that do not fit in the encoder's token window."""
@@ -184,6 +220,7 @@ class TextConditioner:
         if not kept_tags:
             return embeddings
         box_tensor = torch.tensor(kept_boxes, dtype=torch.float32, device=embeddings.device)
+        boxes_embedded = self.position_encoder.to(embeddings.device)(box_tensor)
         return aligned_token_add(
-            embeddings, indices, self.position_encoder.to(embeddings.device)(box_tensor)
+            embeddings, indices, box_embeddings_at_token_scale(embeddings, indices, boxes_embedded)
         )

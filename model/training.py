@@ -1,21 +1,37 @@
 # mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Training SpaSemSR's trainable blocks (arXiv 2603.14112, Eq. 11-12; DESIGN 1.1 and 1.4).
 
-``L = ||ε - ε_θ(z_t, t, I_LR, x_deg, {x_obj, x_spa})||² + λ · L_SemDeg`` with, per term (L1, 0.05
-each as in XPSR's analogous constraint [I]):
+``L = ||ε - ε_θ(z_t, t, I_LR, x_deg, {x_obj, x_spa})||² + λ · L_SemDeg`` with one λ, as Eq. 12
+writes it (``lambda_semdeg``, 0.05 [I]: XPSR's weight, the paper gives none). ``L_SemDeg`` is the
+sum, in equal parts, of four L1 terms, each towards a frozen target computed on the HR image (the
+dashed arrows of Fig. 2b-c) [F]/[I]:
 
-* ``image``: ``ImageEncoder(LR)`` towards the scaled ``VAE(HR)`` latent;
-* ``semantic``: ``SemanticEncoder(LR)`` towards a frozen copy of SAM on ``HR``, both at latent
-  resolution (the SAM copy is taken from the base pipeline before any training);
-* ``controlnet`` (the paper's "regularises the ControlNet", form not given [I]): the ControlNet's
-  spatial-semantic embeddings fed the LR guidance towards the same embeddings fed the HR targets
-  ``concat(VAE(HR), SAM(HR))`` (computed without gradient), so the ControlNet learns to read
-  degraded guidance as if it were clean. ``lambda_controlnet = 0`` skips its extra forward.
+* ``image``: ``ImageEncoder(LR)`` towards the scaled ``VAE(HR)`` latent ("VAE degradation");
+* ``semantic``: ``SemanticEncoder(LR)`` towards frozen SAM on ``HR`` ("semantic degradation"),
+  both at latent resolution. The frozen SAM is the SAM the semantic encoder started from, kept
+  in the pipeline folder as ``sam_target/`` (:func:`load_sam_target`), never a copy of the
+  encoder being trained: fine-tuning a trained folder must not make the encoder its own target;
+* ``controlnet_image`` and ``controlnet_semantic``: the ControlNet's spatial-semantic embeddings
+  (one map per resolution level, fed the LR guidance) through light trained 1x1 projection heads
+  (:class:`SemanticDegradationHeads`, as XPSR ties its ControlNet features to clean-image
+  features [I]) towards the same ``VAE(HR)`` and ``SAM(HR)``, average-pooled to each level.
+  Their targets lie outside the ControlNet, so a ControlNet that ignores its guidance ``f`` gains
+  nothing. (A term regressing the ControlNet on LR guidance onto itself on HR guidance, this
+  module's former form, is exactly 0 for such a ControlNet: it rewards ignoring the image
+  branch.)
 
-Trained [F]: image encoder, semantic encoder, Spatial-Semantic ControlNet, the UNet additions.
-Frozen, without gradients or optimiser state: UNet, VAE, text encoder, the SAM target copy and
-the grounder. Tags, boxes and captions come from the HR images [P], computed once per image by a
-:class:`model.prompt.Grounder` and cached as JSON in the output folder.
+Trained [F]: image encoder, semantic encoder, Spatial-Semantic ControlNet, the UNet additions,
+and (training only) the projection heads, saved as ``semdeg_heads/`` beside the pipeline's
+blocks. Frozen, without gradients or optimiser state: UNet, VAE, text encoder, the SAM target
+and the grounder.
+
+Prompts: tags and boxes come from the HR images [P], grounded once per image by a
+:class:`model.prompt.Grounder` and cached as JSON in the output folder. The degradation-aware
+caption cannot come from there (an HR image is clean, the encoders see a degraded LR): it is
+measured on every synthesised LR, per sample, after the degradation (:func:`measure_degradations`,
+batched on the training device; the grounder's noise, blur and JPEG estimates) and worded by the
+grounder's template around the HR image's scene words, as the grounder captions an LR at
+inference.
 
 The loop runs on ``accelerate.Accelerator`` (DDP across GPUs, mixed precision, gradient
 accumulation, ``save_state`` / ``load_state`` for resume); every checkpoint also writes a
@@ -31,11 +47,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +61,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.optimization import get_constant_schedule_with_warmup
 from PIL import Image
@@ -56,6 +75,14 @@ from transformers import SamVisionModel
 from model.controlnet import SpatialSemanticControlNet
 from model.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
 from model.encoders import ImageEncoder, semantic_features
+from model.grounding.degradation import (
+    JPEG_BLOCK,
+    MAD_TO_SIGMA,
+    CaptionThresholds,
+    DegradationEstimates,
+    compose_caption,
+    scene_phrase,
+)
 from model.pipeline import SpaSemSRPipeline
 from model.prompt import Box, GroundedPrompt, Grounder
 from model.text import TextConditioner, default_prompt
@@ -70,13 +97,19 @@ PROMPT_CACHE = "prompts.json"
 CHECKPOINTS = "checkpoints"
 PIPELINE = "pipeline"
 TRAINED_BLOCKS = ("image_encoder", "semantic_encoder", "controlnet", "unet_attention")
+SAM_TARGET = "sam_target"
+"""Pipeline sub-folder of the frozen SAM (``SamVisionModel``) the semantic constraint aims at;
+not a pipeline component (``model_index.json`` does not list it), so inference never loads it."""
+SEMDEG_HEADS = "semdeg_heads"
+"""Pipeline sub-folder of the trained projection heads of the ControlNet terms (training only)."""
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
 class TrainingReport:
     """What a run did: ``losses`` holds one dict per optimiser step of this run (``total``,
-    ``diffusion``, ``image``, ``semantic``, ``controlnet``)."""
+    ``diffusion``, and with ``lambda_semdeg > 0`` ``semdeg`` and its terms ``image``,
+    ``semantic``, ``controlnet_image``, ``controlnet_semantic``)."""
 
     output_dir: Path
     pipeline_dir: Path
@@ -127,20 +160,44 @@ def _prompt_from_json(data: dict[str, Any]) -> GroundedPrompt:
 
 
 def _hr_grounder(grounder: Grounder) -> Grounder:
-    """HR images are clean: a SpaSemSR grounder skips its degradation-removal model on them."""
+    """HR images are clean: a SpaSemSR grounder skips its degradation-removal model on them, and
+    its SAM masks, which no SpaSemSR block reads."""
     try:
         from model.grounding import SpaSemSRGrounder
     except ImportError:  # the grounding package is optional for training
         return grounder
-    if isinstance(grounder, SpaSemSRGrounder) and grounder.drm is not None:
+    if isinstance(grounder, SpaSemSRGrounder) and (
+        grounder.drm is not None or grounder.config.masks
+    ):
         return SpaSemSRGrounder(
             drm=None,
             tagger=grounder.tagger,
             detector=grounder.detector,
             captioner=grounder.captioner,
-            config=grounder.config,
+            config=replace(grounder.config, masks=False),
         )
     return grounder
+
+
+def caption_thresholds_of(grounder: Grounder | None) -> CaptionThresholds:
+    """Where the grounder's captions start naming a degradation (its defaults without one), so
+    the training captions are worded as the served grounder words them."""
+    config = getattr(grounder, "config", None)
+    thresholds = getattr(config, "caption", None)
+    return thresholds if isinstance(thresholds, CaptionThresholds) else CaptionThresholds()
+
+
+_CAPTION_SCENE = re.compile(
+    r"^An? (?:[\w-]+, )*(?:[\w-]+ )?image of (?P<scene>.+?)\. The image (?:shows|exhibits) "
+)
+
+
+def caption_scene(caption: str, tags: Sequence[str]) -> str:
+    """The scene words of a grounder's caption (``"A clean image of <scene>. The image ..."``),
+    so that the caption of an LR can be worded around the same scene; for a caption of another
+    form (the generic default prompt, a hand-written one) the scene words of the tags."""
+    match = _CAPTION_SCENE.match(caption.strip())
+    return match.group("scene") if match else scene_phrase(tags)
 
 
 def build_prompt_cache(
@@ -216,6 +273,7 @@ class HRPatchDataset(Dataset[dict[str, Any]]):
         self.files = list(files)
         self.keys = [path.relative_to(root).as_posix() for path in self.files]
         self.prompts = prompts
+        self.scenes = {key: caption_scene(p.caption, p.tags) for key, p in prompts.items()}
         self.resolution = resolution
         self.horizontal_flip = horizontal_flip
 
@@ -241,19 +299,17 @@ class HRPatchDataset(Dataset[dict[str, Any]]):
             (left + size) / image.width,
             (top + size) / image.height,
         )
-        prompt = boxes_for_tile(self.prompts[self.keys[index]], window)
+        key = self.keys[index]
+        prompt = boxes_for_tile(self.prompts[key], window)
         array = np.asarray(patch, dtype=np.float32) / 255.0
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
         boxes = list(prompt.boxes)
         if self.horizontal_flip and bool(torch.rand(()) < 0.5):
             tensor = tensor.flip(-1)
             boxes = [(1.0 - x1, y0, 1.0 - x0, y1) for x0, y0, x1, y1 in boxes]
-        return {
-            "hr": tensor,
-            "tags": list(prompt.tags),
-            "boxes": boxes,
-            "caption": prompt.caption,
-        }
+        # The caption is not the HR image's: the trainer writes it for each degraded LR, around
+        # the scene words of the HR image's caption.
+        return {"hr": tensor, "tags": list(prompt.tags), "boxes": boxes, "scene": self.scenes[key]}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -261,11 +317,169 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "hr": torch.stack([sample["hr"] for sample in samples]),
         "tags": [sample["tags"] for sample in samples],
         "boxes": [sample["boxes"] for sample in samples],
-        "caption": [sample["caption"] for sample in samples],
+        "scene": [sample["scene"] for sample in samples],
     }
 
 
+# -- the degradation-aware caption of each LR ------------------------------------------------------
+#
+# The grounder's estimates (model.grounding.degradation) on a whole batch at once, on its device:
+# the same formulas, batched, so that a step costs no host round trip per sample. They give the
+# per-image estimate_degradations of each 8-bit LR image (the tests hold them to it).
+
+
+def _row_quantile(rows: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(row, q)`` of each row of ``(B, N)`` (linear interpolation), without
+    ``torch.quantile``'s limit on the input size."""
+    ordered = rows.sort(dim=1).values
+    position = q * (rows.shape[1] - 1)
+    low = math.floor(position)
+    high = min(low + 1, rows.shape[1] - 1)
+    return ordered[:, low] + (ordered[:, high] - ordered[:, low]) * (position - low)
+
+
+def _noise_sigma(channels: torch.Tensor) -> torch.Tensor:
+    """Donoho's robust sigma of the finest Haar diagonal band per channel, averaged: ``(B,)``."""
+    height, width = channels.shape[-2] // 2 * 2, channels.shape[-1] // 2 * 2
+    if height == 0 or width == 0:
+        return channels.new_zeros(channels.shape[0])
+    y = channels[..., :height, :width]
+    hh = (y[..., 0::2, 0::2] - y[..., 0::2, 1::2] - y[..., 1::2, 0::2] + y[..., 1::2, 1::2]) / 2.0
+    return (hh.abs().flatten(2).median(dim=2).values / MAD_TO_SIGMA).mean(dim=1)
+
+
+def _blur_effect(y: torch.Tensor, kernel: int = 9) -> torch.Tensor:
+    """Crete-Roffet blur effect of each ``(H, W)`` luma plane, the larger of both directions."""
+    scores = []
+    for view in (y, y.transpose(-1, -2)):  # along rows, then along columns
+        batch, rows, length = view.shape
+        if length < 2:
+            continue
+        width = min(kernel, length)
+        flat = view.reshape(batch * rows, 1, length)
+        padded = F.pad(flat, (width // 2, width - 1 - width // 2), mode="replicate")
+        reblurred = F.avg_pool1d(padded, width, stride=1).view(batch, rows, length)
+        d_image = (view[..., 1:] - view[..., :-1]).abs()
+        d_reblur = (reblurred[..., 1:] - reblurred[..., :-1]).abs()
+        total = d_image.sum(dim=(1, 2))
+        lost = (d_image - d_reblur).clamp(min=0).sum(dim=(1, 2))
+        ratio = (total - lost) / total.clamp(min=torch.finfo(total.dtype).tiny)
+        scores.append(torch.where(total > 0, ratio, torch.ones_like(total)))
+    if not scores:
+        return y.new_ones(y.shape[0])
+    return torch.stack(scores).amax(dim=0)
+
+
+def _laplacian_variance(y: torch.Tensor) -> torch.Tensor:
+    """Variance of the 4-neighbour Laplacian of each luma plane (reflect-padded)."""
+    if min(y.shape[-2:]) < 2:
+        return y.new_zeros(y.shape[0])
+    kernel = torch.tensor(
+        [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=y.dtype, device=y.device
+    )
+    padded = F.pad(y[:, None], (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(padded, kernel[None, None]).flatten(1).var(dim=1, unbiased=False)
+
+
+def _blockiness(
+    y: torch.Tensor, block: int = JPEG_BLOCK, clip_quantile: float = 0.9
+) -> torch.Tensor:
+    """Extra luma step across the 8-pixel grid over the step inside blocks, minus one, ``>= 0``."""
+    ratios = []
+    for view in (y, y.transpose(-1, -2)):
+        length = view.shape[-1]
+        if length < 2 * block:
+            continue
+        steps = (view[..., 1:] - view[..., :-1]).abs()
+        sample = steps.flatten(1)
+        sample = sample[:, :: max(1, sample.shape[1] // 1_000_000)]
+        cap = _row_quantile(sample, clip_quantile).clamp(min=1e-6)
+        column_steps = torch.minimum(steps, cap[:, None, None]).mean(dim=1)
+        on_grid = column_steps[:, block - 1 :: block].mean(dim=1)
+        inside_mask = torch.ones(length - 1, dtype=torch.bool, device=y.device)
+        inside_mask[block - 1 :: block] = False
+        inside = column_steps[:, inside_mask].mean(dim=1).clamp(min=1e-6)
+        ratios.append(on_grid / inside - 1.0)
+    if not ratios:
+        return y.new_zeros(y.shape[0])
+    return torch.stack(ratios).mean(dim=0).clamp(min=0.0)
+
+
+def measure_degradations(lr: torch.Tensor) -> list[DegradationEstimates]:
+    """The grounder's degradation estimates of each image of ``lr`` (``(B, 3, h, w)`` in
+    ``[0, 1]``, the raw LR, read as the 8-bit image a user would upload), batched on its device.
+    """
+    channels = (lr.detach().clamp(0.0, 1.0) * 255.0).round().to(torch.float64)
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64, device=lr.device)
+    y = torch.einsum("bchw,c->bhw", channels, weights)
+    stats = torch.stack(
+        [_noise_sigma(channels), _blur_effect(y), _laplacian_variance(y), _blockiness(y)], dim=1
+    ).tolist()  # the one transfer to the host
+    height, width = int(lr.shape[-2]), int(lr.shape[-1])
+    return [
+        DegradationEstimates(
+            noise_sigma=noise,
+            blur=blur,
+            laplacian_variance=laplacian,
+            blockiness=blocks,
+            width=width,
+            height=height,
+        )
+        for noise, blur, laplacian, blocks in stats
+    ]
+
+
+def degradation_captions(
+    lr: torch.Tensor, scenes: Sequence[str], thresholds: CaptionThresholds | None = None
+) -> list[str]:
+    """The degradation-aware caption of each LR image: its measured estimates worded by the
+    grounder's template around its scene words (what the grounder writes for it at inference)."""
+    estimates = measure_degradations(lr)
+    if len(scenes) != len(estimates):
+        raise ValueError(f"{len(scenes)} scenes for {len(estimates)} LR images")
+    return [
+        compose_caption(measured, scene, thresholds)
+        for measured, scene in zip(estimates, scenes, strict=True)
+    ]
+
+
 # -- the trained model -------------------------------------------------------------------------
+
+
+class SemanticDegradationHeads(ModelMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' own mixins disagree on config_name
+    """The light projections that tie the ControlNet's spatial-semantic embeddings to the frozen
+    HR targets of ``L_SemDeg`` [I]: per resolution level, one 1x1 convolution from the level's
+    channels to ``latent_channels + semantic_channels`` (a ``VAE(HR)`` part, then a ``SAM(HR)``
+    part). Linear on purpose: what meets the targets must already be in the embedding, not be
+    built by the head. Used in training only; inference never runs them."""
+
+    @register_to_config
+    def __init__(
+        self,
+        level_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        latent_channels: int = 4,
+        semantic_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        out_channels = latent_channels + semantic_channels
+        self.heads = nn.ModuleList(
+            nn.Conv2d(channels, out_channels, kernel_size=1) for channels in level_channels
+        )
+
+    @classmethod
+    def for_pipeline(cls, pipeline: SpaSemSRPipeline) -> SemanticDegradationHeads:
+        """Heads shaped for ``pipeline``'s ControlNet levels, VAE latent and SAM channels."""
+        heads: SemanticDegradationHeads = cls(
+            level_channels=tuple(pipeline.controlnet.config["block_out_channels"]),
+            latent_channels=int(pipeline.image_encoder.config["latent_channels"]),
+            semantic_channels=int(pipeline.semantic_encoder.config.output_channels),
+        )
+        return heads
+
+    def forward(self, embeddings: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(embeddings) != len(self.heads):
+            raise ValueError(f"{len(embeddings)} embeddings for {len(self.heads)} heads")
+        return [head(embedding) for head, embedding in zip(self.heads, embeddings, strict=True)]
 
 
 class SpaSemSRTrainable(nn.Module):
@@ -282,12 +496,15 @@ class SpaSemSRTrainable(nn.Module):
         controlnet: SpatialSemanticControlNet,
         image_encoder: ImageEncoder,
         semantic_encoder: SamVisionModel,
+        semdeg_heads: SemanticDegradationHeads | None = None,
     ) -> None:
         super().__init__()
         self.unet_attention = unet_attention
         self.controlnet = controlnet
         self.image_encoder = image_encoder
         self.semantic_encoder = semantic_encoder
+        # None when L_SemDeg is off: DDP must not hold parameters that no forward uses
+        self.semdeg_heads = semdeg_heads
         # not a submodule: frozen, so neither DDP, the optimiser nor save_state should see it
         object.__setattr__(self, "unet", unet)
 
@@ -299,10 +516,9 @@ class SpaSemSRTrainable(nn.Module):
         low_res: torch.Tensor,
         text: torch.Tensor,
         spatial_text: torch.Tensor,
-        target_guidance: torch.Tensor | None,
-        with_controlnet_reference: bool,
-    ) -> dict[str, torch.Tensor]:
-        """ε prediction, the encoders' outputs and (optionally) the ControlNet embeddings."""
+    ) -> dict[str, Any]:
+        """ε prediction, the encoders' outputs and the heads' projections of the ControlNet's
+        embeddings (inside the forward, so that DDP synchronises the heads too)."""
         latent = self.image_encoder(low_res)
         height, width = latent.shape[-2:]
         semantic = semantic_features(self.semantic_encoder, low_res, size=(height, width))
@@ -318,23 +534,38 @@ class SpaSemSRTrainable(nn.Module):
             self.unet, noisy_latents, timesteps, text=text, spatial_text=spatial_text,
             control=control,
         )  # fmt: skip
-        out = {"noise_pred": noise_pred, "latent": latent, "semantic": semantic}
-        if with_controlnet_reference and target_guidance is not None:
-            with torch.no_grad():
-                reference = self.controlnet(
-                    noisy_latents,
-                    timesteps,
-                    spatial_text=spatial_text,
-                    degradation_text=text,
-                    guidance=target_guidance,
-                ).embeddings
-            out["controlnet"] = torch.stack(
-                [
-                    F.l1_loss(e.float(), r.float())
-                    for e, r in zip(control.embeddings, reference, strict=True)
-                ]
-            ).mean()
+        out: dict[str, Any] = {"noise_pred": noise_pred, "latent": latent, "semantic": semantic}
+        if self.semdeg_heads is not None:
+            out["projections"] = self.semdeg_heads(control.embeddings)
         return out
+
+
+def semdeg_terms(
+    out: dict[str, Any], latent_target: torch.Tensor, semantic_target: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The four L1 terms of ``L_SemDeg`` (module docstring) from :class:`SpaSemSRTrainable`'s
+    outputs and the frozen HR targets at latent resolution; the ControlNet terms average their
+    levels, each compared with the targets average-pooled to its resolution."""
+    terms = {
+        "image": F.l1_loss(out["latent"].float(), latent_target),
+        "semantic": F.l1_loss(out["semantic"].float(), semantic_target),
+    }
+    projections: list[torch.Tensor] = out.get("projections") or []
+    if projections:
+        split = latent_target.shape[1]
+        image_parts, semantic_parts = [], []
+        for projection in projections:
+            size = (int(projection.shape[-2]), int(projection.shape[-1]))
+            projection = projection.float()
+            image_parts.append(
+                F.l1_loss(projection[:, :split], F.adaptive_avg_pool2d(latent_target, size))
+            )
+            semantic_parts.append(
+                F.l1_loss(projection[:, split:], F.adaptive_avg_pool2d(semantic_target, size))
+            )
+        terms["controlnet_image"] = torch.stack(image_parts).mean()
+        terms["controlnet_semantic"] = torch.stack(semantic_parts).mean()
+    return terms
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -360,8 +591,64 @@ def vae_latents(vae: AutoencoderKL, images: torch.Tensor, *, sample: bool) -> to
     return scaled
 
 
+def load_sam_target(
+    pipeline: SpaSemSRPipeline,
+    pipeline_dir: Path | None = None,
+    *,
+    sam_dir: Path | None = None,
+) -> SamVisionModel:
+    """The frozen SAM that the semantic constraint aims at.
+
+    In this order: ``sam_dir`` (a transformers SAM folder, ``SamModel`` or ``SamVisionModel``),
+    the pipeline folder's ``sam_target/`` (written beside the blocks by
+    :meth:`SpaSemSRTrainer.save_pipeline`), or, for an untrained pipeline, a copy of its semantic
+    encoder: untrained, that is still the SAM it was assembled from. A trained pipeline with
+    neither is refused: its semantic encoder is SAM no longer, and as the target it would let the
+    fine-tuned encoder chase itself.
+    """
+    folders = [sam_dir, pipeline_dir / SAM_TARGET if pipeline_dir is not None else None]
+    folder = next((Path(f) for f in folders if f is not None and Path(f).is_dir()), None)
+    if folder is not None:
+        target = SamVisionModel.from_pretrained(str(folder))
+    elif not bool(pipeline.config.get("trained", False)):
+        target = copy.deepcopy(pipeline.semantic_encoder)
+    else:
+        raise ValueError(
+            "the pipeline's semantic encoder is trained, so it cannot be the frozen SAM target of "
+            f"the semantic constraint, and {pipeline_dir or 'the pipeline'} has no {SAM_TARGET}/ "
+            "folder: give the SAM folder it was assembled from (sam_dir)"
+        )
+    expected = pipeline.semantic_encoder.config.output_channels
+    if target.config.output_channels != expected:
+        raise ValueError(
+            f"the SAM target gives {target.config.output_channels} channels, the semantic "
+            f"encoder {expected}"
+        )
+    return target
+
+
+def _write_folder(directory: Path, name: str, save: Callable[[Path], None]) -> None:
+    """``save`` into ``directory/name`` through a staging sibling renamed into place, so that
+    an interrupted write never leaves a half-written folder under the real name."""
+    staging = directory / f".{name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    save(staging)
+    old = directory / f".{name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (directory / name).exists():
+        (directory / name).rename(old)
+    staging.rename(directory / name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class SpaSemSRTrainer:
-    """Owns the pipeline's components for one run: losses, optimiser, loop and checkpoints."""
+    """Owns the pipeline's components for one run: losses, optimiser, loop and checkpoints.
+
+    ``sam_target`` is the frozen SAM of the semantic constraint (default:
+    :func:`load_sam_target` of the pipeline alone, which refuses a trained pipeline);
+    ``semdeg_heads`` the projection heads to continue from (default: fresh ones);
+    ``caption_thresholds`` the grounder's, so that training captions are worded as it words them.
+    """
 
     def __init__(
         self,
@@ -370,6 +657,9 @@ class SpaSemSRTrainer:
         *,
         accelerator: Accelerator | None = None,
         base_dir: Path | None = None,
+        sam_target: SamVisionModel | None = None,
+        semdeg_heads: SemanticDegradationHeads | None = None,
+        caption_thresholds: CaptionThresholds | None = None,
     ) -> None:
         self.config = config
         self.base_dir = base_dir
@@ -383,18 +673,24 @@ class SpaSemSRTrainer:
             str(self.accelerator.mixed_precision), torch.float32
         )
         self.weight_dtype = weight_dtype
-        # 1. the frozen parts: no gradients, no optimiser state, cast to the compute dtype
-        self.target_encoder: SamVisionModel = copy.deepcopy(pipeline.semantic_encoder)
-        # (SAM as the target of the semantic constraint stays as it was before any training)
-        for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet, self.target_encoder):
+        self.caption_thresholds = caption_thresholds or CaptionThresholds()
+        # 1. the frozen parts: no gradients, no optimiser state, cast to the compute dtype; the
+        #    SAM target stays float32 (its forward runs under autocast), so that the copy saved
+        #    beside the blocks is the SAM itself, not a rounded one
+        self.sam_target: SamVisionModel = sam_target or load_sam_target(pipeline)
+        for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet):
             _place(freeze(module), device, weight_dtype)
+        _place(freeze(self.sam_target), device, torch.float32)
         # 2. the trained blocks (DESIGN 1.1), in float32 (accelerate autocasts their forward)
+        if config.lambda_semdeg > 0 and semdeg_heads is None:
+            semdeg_heads = SemanticDegradationHeads.for_pipeline(pipeline)
         self.trainable = SpaSemSRTrainable(
             unet=pipeline.unet,
             unet_attention=pipeline.unet_attention,
             controlnet=pipeline.controlnet,
             image_encoder=pipeline.image_encoder,
             semantic_encoder=pipeline.semantic_encoder,
+            semdeg_heads=semdeg_heads if config.lambda_semdeg > 0 else None,
         )
         _place(self.trainable, device, torch.float32)
         self.trainable.requires_grad_(True).train()
@@ -429,24 +725,26 @@ class SpaSemSRTrainer:
 
     @torch.no_grad()
     def _encode_text(
-        self, batch: dict[str, Any], keep: torch.Tensor
+        self, captions: Sequence[str], batch: dict[str, Any], keep: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``T_deg`` and ``T_spa`` per sample; dropped samples get the empty prompt for both."""
+        """``T_deg`` (the kept captions in one encoder pass) and ``T_spa`` per sample; dropped
+        samples get the empty prompt for both."""
         null = self.text.encode("")
-        texts, spatials = [], []
-        for index, caption in enumerate(batch["caption"]):
-            if bool(keep[index]):
-                texts.append(self.text.encode(caption))
-                spatials.append(
-                    self.text.encode_spatial(batch["tags"][index], batch["boxes"][index])
-                )
-            else:
-                texts.append(null)
-                spatials.append(null)
-        return (
-            torch.cat(texts).to(self.weight_dtype),
-            torch.cat(spatials).to(self.weight_dtype),
-        )
+        kept = [index for index in range(len(captions)) if bool(keep[index])]
+        texts = null.repeat(len(captions), 1, 1)
+        if kept:
+            texts[kept] = self.text.encode_many([captions[index] for index in kept])
+        spatials = [
+            self.text.encode_spatial(batch["tags"][index], batch["boxes"][index])
+            if index in kept
+            else null
+            for index in range(len(captions))
+        ]
+        return texts.to(self.weight_dtype), torch.cat(spatials).to(self.weight_dtype)
+
+    def captions(self, lr: torch.Tensor, batch: dict[str, Any]) -> list[str]:
+        """The degradation-aware caption of each synthesised LR (module docstring)."""
+        return degradation_captions(lr, batch["scene"], self.caption_thresholds)
 
     def losses(
         self, batch: dict[str, Any], generator: torch.Generator | None = None
@@ -458,19 +756,22 @@ class SpaSemSRTrainer:
         device = self.accelerator.device
         hr = batch["hr"].to(device, torch.float32)
         size = hr.shape[0]
+        constrained = config.lambda_semdeg > 0
         with torch.no_grad():
-            # LR on the device, then bicubically back to the HR size, as the pipeline's input
+            # LR on the device; its caption from its own measured degradations; then the LR
+            # bicubically back to the HR size, the encoders' input as at inference
             lr = self.degradation(hr, generator)
+            captions = self.captions(lr, batch)
             low_res = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False)
             low_res = (low_res * 2.0 - 1.0).clamp(-1.0, 1.0)
             hr_signed = hr * 2.0 - 1.0
             latents = vae_latents(self.pipeline.vae, hr_signed, sample=True)
-            latent_target = vae_latents(self.pipeline.vae, hr_signed, sample=False)
-            semantic_target = semantic_features(
-                self.target_encoder,
-                hr_signed.to(self.weight_dtype),
-                size=(latents.shape[-2], latents.shape[-1]),
-            ).float()
+            if constrained:
+                latent_target = vae_latents(self.pipeline.vae, hr_signed, sample=False)
+                with self.accelerator.autocast():
+                    semantic_target = semantic_features(
+                        self.sam_target, hr_signed, size=(latents.shape[-2], latents.shape[-1])
+                    ).float()
             noise = torch.randn(latents.shape, generator=generator, device=generator.device).to(
                 device
             )
@@ -484,7 +785,7 @@ class SpaSemSRTrainer:
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             keep = torch.rand(size, generator=generator, device=generator.device)
             keep = keep >= config.null_prompt_ratio
-            text, spatial_text = self._encode_text(batch, keep.cpu())
+            text, spatial_text = self._encode_text(captions, batch, keep.cpu())
             if self.noise_scheduler.config["prediction_type"] == "v_prediction":
                 target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -495,24 +796,14 @@ class SpaSemSRTrainer:
             low_res=low_res,
             text=text,
             spatial_text=spatial_text,
-            target_guidance=torch.cat([latent_target, semantic_target], dim=1).to(
-                self.weight_dtype
-            ),
-            with_controlnet_reference=config.lambda_controlnet > 0,
         )
-        terms = {
-            "diffusion": F.mse_loss(out["noise_pred"].float(), target.float()),
-            "image": F.l1_loss(out["latent"].float(), latent_target),
-            "semantic": F.l1_loss(out["semantic"].float(), semantic_target),
-        }
-        total = (
-            terms["diffusion"]
-            + config.lambda_image * terms["image"]
-            + config.lambda_semantic * terms["semantic"]
-        )
-        if "controlnet" in out:
-            terms["controlnet"] = out["controlnet"]
-            total = total + config.lambda_controlnet * out["controlnet"]
+        terms = {"diffusion": F.mse_loss(out["noise_pred"].float(), target.float())}
+        total = terms["diffusion"]
+        if constrained:
+            parts = semdeg_terms(out, latent_target, semantic_target)
+            terms["semdeg"] = torch.stack(list(parts.values())).sum()
+            terms.update(parts)
+            total = total + config.lambda_semdeg * terms["semdeg"]
         return {"total": total, **terms}
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
@@ -545,7 +836,9 @@ class SpaSemSRTrainer:
         The first time the base pipeline folder is copied (or, for a pipeline built in memory,
         the whole pipeline saved), so the frozen parts keep their original files and precision;
         then only the trained blocks are replaced, each written beside its folder and renamed
-        into place, and ``model_index.json`` is marked trained.
+        into place, and ``model_index.json`` is marked trained. Beside the blocks go the
+        projection heads (``semdeg_heads/``) and, once, the frozen SAM target (``sam_target/``),
+        so that fine-tuning this folder later aims at SAM, not at its trained semantic encoder.
         """
         pipeline = self.pipeline
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -560,16 +853,11 @@ class SpaSemSRTrainer:
                 shutil.rmtree(directory)
             staging.rename(directory)
         for name in TRAINED_BLOCKS:
-            block = getattr(unwrapped, name)
-            staging = directory / f".{name}.staging"
-            shutil.rmtree(staging, ignore_errors=True)
-            block.save_pretrained(staging)
-            old = directory / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if (directory / name).exists():
-                (directory / name).rename(old)
-            staging.rename(directory / name)
-            shutil.rmtree(old, ignore_errors=True)
+            _write_folder(directory, name, getattr(unwrapped, name).save_pretrained)
+        if unwrapped.semdeg_heads is not None:
+            _write_folder(directory, SEMDEG_HEADS, unwrapped.semdeg_heads.save_pretrained)
+        if not (directory / SAM_TARGET).is_dir():
+            _write_folder(directory, SAM_TARGET, self.sam_target.save_pretrained)
         index_file = directory / "model_index.json"
         index = json.loads(index_file.read_text())
         index["trained"] = True
@@ -648,28 +936,39 @@ def train(
     grounder: Grounder | None = None,
     pipeline: SpaSemSRPipeline | None = None,
     accelerator: Accelerator | None = None,
+    sam_dir: Path | None = None,
 ) -> TrainingReport:
     """Train SpaSemSR's blocks on the HR images under ``data_dir`` (DESIGN 1.4).
 
     ``pipeline`` (an already loaded base pipeline) takes precedence over ``pipeline_dir``; with
     neither, the tiny configuration is trained. ``resume`` continues from the latest checkpoint
-    in ``output_dir``; the base pipeline must be the same as for the first run (the SAM target
-    of the semantic constraint is taken from it). The trained, loadable pipeline is written to
-    ``output_dir/pipeline`` at every checkpoint and at the end.
+    in ``output_dir``; the base pipeline must be the same as for the first run. The SAM target
+    of the semantic constraint is :func:`load_sam_target`'s: ``sam_dir``, else the folder's
+    ``sam_target/``, else the untrained base's own semantic encoder. The trained, loadable
+    pipeline is written to ``output_dir/pipeline`` at every checkpoint and at the end.
     """
     data_dir, output_dir = Path(data_dir), Path(output_dir)
     started = time.perf_counter()
     set_seed(config.seed)
     base = pipeline if pipeline is not None else load_base_pipeline(pipeline_dir, seed=config.seed)
+    base_dir = (
+        Path(pipeline_dir)
+        if pipeline is None and pipeline_dir is not None and Path(pipeline_dir).is_dir()
+        else None
+    )
+    heads_dir = base_dir / SEMDEG_HEADS if base_dir is not None else None
     trainer = SpaSemSRTrainer(
         base,
         config,
         accelerator=accelerator,
-        base_dir=(
-            Path(pipeline_dir)
-            if pipeline is None and pipeline_dir is not None and Path(pipeline_dir).is_dir()
+        base_dir=base_dir,
+        sam_target=load_sam_target(base, base_dir, sam_dir=sam_dir),
+        semdeg_heads=(
+            SemanticDegradationHeads.from_pretrained(str(heads_dir))
+            if heads_dir is not None and heads_dir.is_dir() and config.lambda_semdeg > 0
             else None
         ),
+        caption_thresholds=caption_thresholds_of(grounder),
     )
     accel = trainer.accelerator
 

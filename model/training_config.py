@@ -32,10 +32,10 @@ class TrainingConfig:
     null_prompt_ratio: float = _option(
         0.5, "Probability of the empty prompt for a sample (CFG).", minimum=0.0, maximum=1.0
     )
-    lambda_image: float = _option(0.05, "Weight of L1(ImageEnc, VAE).", minimum=0.0)
-    lambda_semantic: float = _option(0.05, "Weight of L1(SemanticEnc, SAM).", minimum=0.0)
-    lambda_controlnet: float = _option(
-        0.05, "Weight of the ControlNet regulariser (0: off).", minimum=0.0
+    lambda_semdeg: float = _option(
+        0.05,
+        "Eq. 12 lambda: weight of L_SemDeg, the sum of its four L1 terms (0: off).",
+        minimum=0.0,
     )
     batch_size: int = _option(32, "Patches per device and accumulation step.", minimum=1)
     gradient_accumulation_steps: int = _option(
@@ -62,7 +62,7 @@ class TrainingConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.null_prompt_ratio <= 1.0:
             raise ValueError(f"null_prompt_ratio must be in [0, 1], got {self.null_prompt_ratio}")
-        for name in ("lambda_image", "lambda_semantic", "lambda_controlnet", "weight_decay"):
+        for name in ("lambda_semdeg", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every"):

@@ -10,12 +10,19 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs, cross_attention_sites
+from model.configs import build_tiny_pipeline
 from model.controlnet import SpatialSemanticControlNet
 from model.encoders import ImageEncoder, semantic_features, visual_guidance
 from model.pipeline import SpaSemSRPipeline
 from model.position import FourierPositionEncoder
-from model.text import aligned_token_add, tag_prompt, tag_token_indices
+from model.text import (
+    aligned_token_add,
+    box_embeddings_at_token_scale,
+    tag_prompt,
+    tag_token_indices,
+)
 from model.unet_attention import SpaSemSRUNetAttention
+from tests.model.perturb import perturb_trained_blocks
 
 
 def _inputs(pipe: SpaSemSRPipeline, batch: int = 2, size: int = 16) -> dict[str, torch.Tensor]:
@@ -73,7 +80,8 @@ def test_aligned_token_add_changes_only_the_tag_tokens(tiny_pipeline: SpaSemSRPi
         text, return_offsets_mapping=True, padding="max_length", max_length=77
     )
     indices = tag_token_indices(encoding.offset_mapping, spans)
-    box_embeddings = conditioner.position_encoder(torch.tensor(boxes))
+    raw = conditioner.position_encoder(torch.tensor(boxes))
+    box_embeddings = box_embeddings_at_token_scale(plain, indices, raw)[0]
     difference = spatial[0] - plain[0]
     tag_tokens = {i for tag_indices in indices for i in tag_indices}
     for position in range(77):
@@ -81,7 +89,14 @@ def test_aligned_token_add_changes_only_the_tag_tokens(tiny_pipeline: SpaSemSRPi
             assert torch.equal(difference[position], torch.zeros_like(difference[position])), (
                 position
             )
-    for tag_indices, box_embedding in zip(indices, box_embeddings, strict=True):
+    for tag_indices, box_embedding, direction in zip(indices, box_embeddings, raw, strict=True):
+        token_norm = plain[0, tag_indices].norm(dim=-1).mean()
+        # the box's Fourier direction, at the norm of the tag's own tokens
+        torch.testing.assert_close(box_embedding.norm(), token_norm, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.nn.functional.cosine_similarity(box_embedding, direction, dim=0),
+            torch.tensor(1.0),
+        )
         for position in tag_indices:
             torch.testing.assert_close(difference[position], box_embedding, atol=1e-5, rtol=1e-5)
 
@@ -264,27 +279,28 @@ def test_controlnet_guidance_and_degradation_text_take_effect(
     assert not torch.allclose(embeddings(spatial_text=inputs["spatial"] * 0)[0], reference[0])
 
 
-def test_controlnet_save_load_round_trip(tiny_pipeline: SpaSemSRPipeline, tmp_path: Path) -> None:
-    tiny_pipeline.controlnet.save_pretrained(tmp_path / "controlnet")
+def test_controlnet_save_load_round_trip(tmp_path: Path) -> None:
+    """With non-zero zero-convolutions and fusion, so that a lost one would show."""
+    pipeline = perturb_trained_blocks(build_tiny_pipeline(seed=0), seed=1)
+    pipeline.controlnet.save_pretrained(tmp_path / "controlnet")
     loaded = SpatialSemanticControlNet.from_pretrained(tmp_path / "controlnet")
-    inputs = _inputs(tiny_pipeline, batch=1)
+    inputs = _inputs(pipeline, batch=1)
+    kwargs = {
+        "spatial_text": inputs["spatial"][:1],
+        "degradation_text": inputs["text"][:1],
+        "guidance": inputs["guidance"][:1],
+    }
     with torch.no_grad():
-        a = tiny_pipeline.controlnet(
-            inputs["sample"],
-            3,
-            spatial_text=inputs["spatial"][:1],
-            degradation_text=inputs["text"][:1],
-            guidance=inputs["guidance"][:1],
-        )
-        b = loaded(
-            inputs["sample"],
-            3,
-            spatial_text=inputs["spatial"][:1],
-            degradation_text=inputs["text"][:1],
-            guidance=inputs["guidance"][:1],
-        )
-    for x, y in zip(a.embeddings, b.embeddings, strict=True):
+        a = pipeline.controlnet(inputs["sample"], 3, **kwargs)
+        b = loaded(inputs["sample"], 3, **kwargs)
+        fresh = build_tiny_pipeline(seed=0).controlnet(inputs["sample"], 3, **kwargs)
+    outputs = [
+        (*x.down_block_res_samples, x.mid_block_res_sample, *x.embeddings) for x in (a, b, fresh)
+    ]
+    for x, y in zip(outputs[0], outputs[1], strict=True):
         assert torch.equal(x, y)
+    assert all(torch.count_nonzero(residual) > 0 for residual in a.down_block_res_samples)
+    assert not torch.equal(outputs[0][0], outputs[2][0])
 
 
 # --- visual guidance -----------------------------------------------------------------------------
