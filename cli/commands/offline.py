@@ -273,7 +273,7 @@ def _training_parameters() -> list[inspect.Parameter]:
     return parameters
 
 
-_RUN_PARAMETERS = {"data", "out", "pipeline", "grounder", "resume", "verbose"}
+_RUN_PARAMETERS = {"data", "out", "pipeline", "grounder", "resume", "sam", "verbose"}
 
 
 def train(
@@ -298,6 +298,13 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue from the latest checkpoint in --out.")
     ] = False,
+    sam: Annotated[
+        Path | None,
+        typer.Option(
+            help="Frozen SAM folder, the semantic constraint's target (default: the pipeline's "
+            "sam_target/, or its semantic encoder while untrained)."
+        ),
+    ] = None,
     verbose: Verbose = False,
     **hyper_parameters: Any,
 ) -> None:
@@ -322,6 +329,7 @@ def train(
             pipeline_dir=pipeline,
             resume=resume,
             grounder=loaded_grounder,
+            sam_dir=sam,
         )
     except ValueError as exc:
         raise fail(str(exc), ExitCode.USAGE) from exc
