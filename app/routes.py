@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.errors import problem_response
 from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelList, ModelPublic
 from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
+from app.waiting import requested_wait, wait_for_end
 from core.errors import (
     DependencyUnavailable,
     InputMissing,
@@ -36,8 +40,18 @@ router = APIRouter()
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
-def _links(job_id: str) -> JobLinks:
-    return JobLinks(self=f"/v1/jobs/{job_id}", result=f"/v1/jobs/{job_id}/result")
+def _base_url(request: Request, services: ServicesDep) -> str:
+    """Where clients reach this API: the configured public URL (behind a proxy), else the
+    URL this request came to."""
+    configured = services.settings.api.public_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+BaseUrlDep = Annotated[str, Depends(_base_url)]
+
+
+def _links(job_id: str, base: str) -> JobLinks:
+    return JobLinks(self=f"{base}/v1/jobs/{job_id}", result=f"{base}/v1/jobs/{job_id}/result")
 
 
 def untrained_warning(model: str) -> str:
@@ -59,11 +73,11 @@ def _job_warnings(record: JobRecord, grounding: dict[str, Any] | None) -> list[s
     return warnings
 
 
-def _public(record: JobRecord, services: Services) -> JobPublic:
-    return _view(record, services.submissions.position(record))
+def _public(record: JobRecord, services: Services, base: str) -> JobPublic:
+    return _view(record, services.submissions.position(record), base)
 
 
-def _view(record: JobRecord, position: int | None) -> JobPublic:
+def _view(record: JobRecord, position: int | None, base: str) -> JobPublic:
     found = record.details.get("grounding")
     grounding = found if isinstance(found, dict) else None
     return JobPublic(
@@ -84,7 +98,7 @@ def _view(record: JobRecord, position: int | None) -> JobPublic:
         output=record.output,
         error=record.error,
         grounding=grounding,
-        links=_links(record.id),
+        links=_links(record.id, base),
     )
 
 
@@ -103,11 +117,20 @@ async def create_job(
     image: Annotated[UploadFile, File(description="PNG, JPEG or WebP image.")],
     form: Annotated[JobCreate, Form()],
     response: Response,
+    base: BaseUrlDep,
     idempotency_key: Annotated[
         str | None,
         Header(
             max_length=255,
             description="Repeat a request safely: the same key returns the same job.",
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="`wait` or `wait=N`: answer when the job has ended (200), or after N "
+            "seconds at most (bounded by the service) with the job as it stands (202).",
         ),
     ] = None,
 ) -> JobPublic:
@@ -125,10 +148,17 @@ async def create_job(
         idempotency_key=idempotency_key,
     )
     accepted = await run_in_threadpool(services.submissions.submit, submission)
-    response.headers["Location"] = f"/v1/jobs/{accepted.record.id}"
+    response.headers["Location"] = f"{base}/v1/jobs/{accepted.record.id}"
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    return _view(accepted.record, accepted.position)
+    wait = requested_wait(prefer, max_seconds=services.settings.api.max_prefer_wait_seconds)
+    if wait is None:
+        return _view(accepted.record, accepted.position, base)
+    response.headers["Preference-Applied"] = f"wait={wait:g}"
+    record = await wait_for_end(services.jobs, accepted.record.id, wait)
+    if record.status.is_terminal:
+        response.status_code = status.HTTP_200_OK
+    return await run_in_threadpool(_public, record, services, base)
 
 
 FORM_FIELDS = frozenset(JobCreate.model_fields) | {"image"}
@@ -169,7 +199,9 @@ def _first_message(exc: ValidationError) -> str:
     responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 503: PROBLEM},
     summary="Status, progress and timings of a job",
 )
-def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def get_job(
+    job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
+) -> JobPublic:
     record = services.jobs.get(job_id)
     ensure_access(principal, record)
     record = expire_if_stale(
@@ -179,7 +211,63 @@ def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobP
         storage=services.storage,
         ttl_seconds=services.settings.worker.queue_ttl_seconds,
     )
-    return _public(record, services)
+    return _public(record, services, base)
+
+
+EVENT_POLL_SECONDS = 0.25
+EVENT_KEEPALIVE_SECONDS = 15.0
+EVENT_STREAM_MAX_SECONDS = 3600.0
+"""A stream ends after an hour even if the job has not: the client reconnects if it cares."""
+
+
+@router.get(
+    "/v1/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        401: PROBLEM,
+        403: PROBLEM,
+        404: PROBLEM,
+    },
+    summary="Live progress as Server-Sent Events (queue position, stage, step, final status)",
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    base: BaseUrlDep,
+) -> StreamingResponse:
+    """One ``job`` event (the job as ``GET /v1/jobs/{id}`` shows it) whenever it changes, a
+    comment line every 15 s while it does not, and the end of the stream once it has ended."""
+    ensure_access(principal, await run_in_threadpool(services.jobs.get, job_id))
+    return StreamingResponse(
+        _job_events(request, services, job_id, base),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _job_events(
+    request: Request, services: Services, job_id: str, base: str
+) -> AsyncIterator[str]:
+    began = last_sent = time.monotonic()
+    last = ""
+    while time.monotonic() - began < EVENT_STREAM_MAX_SECONDS:
+        if await request.is_disconnected():
+            return
+        record = await run_in_threadpool(services.jobs.get, job_id)
+        view = await run_in_threadpool(_public, record, services, base)
+        body = view.model_dump_json()
+        if body != last:
+            yield f"event: job\ndata: {body}\n\n"
+            last, last_sent = body, time.monotonic()
+        elif time.monotonic() - last_sent > EVENT_KEEPALIVE_SECONDS:
+            yield ": still there\n\n"
+            last_sent = time.monotonic()
+        if record.status.is_terminal:
+            return
+        await asyncio.sleep(EVENT_POLL_SECONDS)
 
 
 @router.get(
@@ -226,8 +314,10 @@ def get_result(job_id: str, services: ServicesDep, principal: PrincipalDep) -> R
     responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM},
     summary="Cancel a queued job at once, or a running job at its next step",
 )
-def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
-    return _cancel(job_id, services, principal)
+def cancel_job(
+    job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
+) -> JobPublic:
+    return _cancel(job_id, services, principal, base)
 
 
 @router.post(
@@ -236,11 +326,13 @@ def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> J
     responses={401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM},
     summary="Cancel a job (same as DELETE)",
 )
-def cancel_job_post(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
-    return _cancel(job_id, services, principal)
+def cancel_job_post(
+    job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
+) -> JobPublic:
+    return _cancel(job_id, services, principal, base)
 
 
-def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
+def _cancel(job_id: str, services: Services, principal: Principal, base: str) -> JobPublic:
     jobs = services.jobs
     ensure_access(principal, jobs.get(job_id))
     if jobs.transition(
@@ -260,11 +352,11 @@ def _cancel(job_id: str, services: Services, principal: Principal) -> JobPublic:
             services.queue.enqueue_webhook(
                 job_id, retry_intervals=services.settings.webhooks.retry_intervals_seconds
             )
-        return _public(record, services)
+        return _public(record, services, base)
     record = jobs.get(job_id)
     if record.status is JobStatus.PROCESSING:
         jobs.request_cancel(job_id)
-        return _public(jobs.get(job_id), services)
+        return _public(jobs.get(job_id), services, base)
     ended = "been canceled" if record.status is JobStatus.CANCELED else record.status.value
     raise JobAlreadyFinished(f"Job {job_id} has already {ended}.")
 

@@ -37,6 +37,8 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(default=20 * MiB, ge=1)
     upload_idle_timeout_seconds: float = Field(default=30.0, gt=0)
     """A client silent this long in the middle of an upload gets 408."""
+    max_prefer_wait_seconds: float = Field(default=60.0, ge=0)
+    """The longest a request with ``Prefer: wait`` is held open for its job to end."""
     body_deadline_seconds: float = Field(default=120.0, gt=0)
     """A request body not complete this long after its headers gets 408, however steadily it
     trickles in."""
@@ -64,6 +66,8 @@ class ApiSettings(BaseModel):
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60)
     result_delivery: Literal["stream", "redirect"] = "stream"
     """``redirect`` sends clients to a presigned URL when the storage backend offers one."""
+    file_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    """How long a file uploaded to ``POST /v1/files`` (Replicate's clients) can be used."""
 
 
 class RedisSettings(BaseModel):

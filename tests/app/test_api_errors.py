@@ -57,7 +57,8 @@ def test_accepted_upload_is_queued_with_location(client: TestClient, settings: S
     response = _post(client, png_bytes(), scale="2", steps="5", tags="sky, sea")
     assert response.status_code == 202  # type: ignore[attr-defined]
     job = response.json()  # type: ignore[attr-defined]
-    assert response.headers["location"] == f"/v1/jobs/{job['id']}"  # type: ignore[attr-defined]
+    location = response.headers["location"]  # type: ignore[attr-defined]
+    assert location == f"http://testserver/v1/jobs/{job['id']}"  # absolute
     assert job["status"] == "queued"
     assert job["queue_position"] == 0
     assert job["input"] == {"width": 24, "height": 16, "format": "png", "bytes": len(png_bytes())}
