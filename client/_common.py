@@ -96,6 +96,8 @@ def form_fields(options: JobOptions, *, model: str | None = None) -> dict[str, s
     tags = options.get("tags")
     if tags is not None:
         fields["tags"] = tags if isinstance(tags, str) else ",".join(tags)
+    if "webhook" in fields:  # the option's name in Python; the form field is webhook_url
+        fields["webhook_url"] = fields.pop("webhook")
     if model is not None:
         fields["model"] = str(model)
     return fields

@@ -29,6 +29,10 @@ def test_the_clients_job_options_are_the_forms_fields() -> None:
     options = set(get_type_hints(client_common.JobOptions))
     form = set(JobCreate.model_fields) - {"model", "webhook_url"} | {"webhook"}
     assert options == form
+    every_option = {"webhook": "https://example.org/hook", "scale": 2, "tags": ["a", "b"]}
+    sent = client_common.form_fields(every_option)  # type: ignore[arg-type]
+    assert set(sent) <= set(JobCreate.model_fields)  # the API refuses unknown fields
+    assert sent["webhook_url"] == "https://example.org/hook"
 
 
 def test_the_models_options_default_as_the_contract() -> None:

@@ -8,7 +8,7 @@ import io
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 from rich.console import Console
@@ -93,6 +93,10 @@ def submit(
         Priority | None,
         typer.Option(help="Queue priority (default: default).", rich_help_panel=UPSCALING),
     ] = None,
+    webhook: Annotated[
+        str | None,
+        typer.Option(help="URL the service POSTs each job to (HMAC-signed) when it ends."),
+    ] = None,
     wait: Annotated[
         bool, typer.Option(help="Wait for the results (--no-wait prints job ids and returns).")
     ] = True,
@@ -134,7 +138,8 @@ def submit(
         scheduler=scheduler, tile_size=tile_size, tags=tags, caption=caption,
     )  # fmt: skip
     check_parameters(given)
-    options: JobOptions = {**given, **_present(output_format=output_format, priority=priority)}  # type: ignore[typeddict-item]
+    chosen = _present(output_format=output_format, priority=priority, webhook=webhook)
+    options = cast("JobOptions", {**given, **chosen})  # checked by check_parameters and the API
     if wait and download:
         _make_folder(output.parent if output is not None else out_dir)
     items = [Tracked(source) for source in sources]
