@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from model.configs import build_tiny_pipeline
-from model.training import TrainingConfig, train
+from model.training import train
+from model.training_config import TrainingConfig
 
 
 class PeakRss:

@@ -71,7 +71,7 @@ def test_a_perturbed_pipeline_round_trips_and_every_trained_block_counts(
     reference = upscale(perturbed, image)
     perturbed.save_pretrained(tmp_path / "pipe")
     loaded = SpaSemSRPipeline.from_pretrained(tmp_path / "pipe")
-    loaded.set_progress_bar_config(disable=True)
+    loaded.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     torch.testing.assert_close(upscale(loaded, image), reference, atol=ROUND_TRIP, rtol=0)
 
     fresh = build_tiny_pipeline(seed=0)

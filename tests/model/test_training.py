@@ -34,7 +34,6 @@ from model.training import (
     HRPatchDataset,
     SemanticDegradationHeads,
     SpaSemSRTrainer,
-    TrainingConfig,
     TrainingReport,
     build_prompt_cache,
     caption_scene,
@@ -46,6 +45,7 @@ from model.training import (
     measure_degradations,
     train,
 )
+from model.training_config import TrainingConfig
 from model.upscaler import UpscaleOptions
 
 SIDE = 64
@@ -273,7 +273,7 @@ def test_the_constraint_is_not_met_by_a_controlnet_that_ignores_its_guidance(
     terms = trainer.losses(fixed_batch(data_dir), generator=torch.Generator().manual_seed(0))
     controlnet_terms = {n: float(v.detach()) for n, v in terms.items() if "controlnet" in n}
     assert controlnet_terms and all(value > 0.01 for value in controlnet_terms.values()), terms
-    (terms["total"] - terms["diffusion"]).backward()
+    (terms["total"] - terms["diffusion"]).backward()  # type: ignore[no-untyped-call]
     assert fusion.weight.grad is not None and float(fusion.weight.grad.abs().sum()) > 0
 
 
