@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from app.errors import install_error_handlers
 from app.metrics import ApiMetrics, HttpMetricsMiddleware, metrics_endpoint
 from app.openapi import DocsPolicyMiddleware, install_openapi
+from app.replicate import router as replicate_router
 from app.routes import router
 from app.services import Services
 from app.uploads import MULTIPART_SLACK_BYTES, UploadLimitMiddleware
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.add_middleware(DocsPolicyMiddleware)
     app.include_router(router)
+    app.include_router(replicate_router)  # Replicate's clients, over the same engine
     app.include_router(web_router)
     app.add_middleware(
         UploadLimitMiddleware,

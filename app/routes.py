@@ -40,14 +40,14 @@ router = APIRouter()
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 
 
-def _base_url(request: Request, services: ServicesDep) -> str:
+def base_url(request: Request, services: ServicesDep) -> str:
     """Where clients reach this API: the configured public URL (behind a proxy), else the
     URL this request came to."""
     configured = services.settings.api.public_url
     return (configured or str(request.base_url)).rstrip("/")
 
 
-BaseUrlDep = Annotated[str, Depends(_base_url)]
+BaseUrlDep = Annotated[str, Depends(base_url)]
 
 
 def _links(job_id: str, base: str) -> JobLinks:
@@ -140,7 +140,7 @@ async def create_job(
     submission = Submission(
         data=await _read_upload(image, services.settings.api.max_upload_bytes),
         model=form.model,
-        parameters_for=partial(_parameters, form),
+        parameters_for=partial(form_parameters, form),
         priority=form.priority,
         webhook_url=form.webhook_url,
         client=principal.name,
@@ -180,14 +180,14 @@ async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return await upload.read(max_bytes + 1)
 
 
-def _parameters(form: JobCreate, model: ModelName) -> JobParameters:
+def form_parameters(form: JobCreate, model: ModelName) -> JobParameters:
     try:
         return form.parameters(model)
     except ValidationError as exc:
-        raise InvalidParameters(_first_message(exc)) from exc
+        raise InvalidParameters(first_message(exc)) from exc
 
 
-def _first_message(exc: ValidationError) -> str:
+def first_message(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ()))
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
@@ -202,16 +202,21 @@ def _first_message(exc: ValidationError) -> str:
 def get_job(
     job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
 ) -> JobPublic:
+    return _public(visible_job(job_id, services, principal), services, base)
+
+
+def visible_job(job_id: str, services: Services, principal: Principal) -> JobRecord:
+    """The job as its owner may see it now: a queued job past its time-to-live is ended
+    (``queue-timeout``) when it is read, not left queued until a worker gets to it."""
     record = services.jobs.get(job_id)
     ensure_access(principal, record)
-    record = expire_if_stale(
+    return expire_if_stale(
         record,
         jobs=services.jobs,
         queue=services.queue,
         storage=services.storage,
         ttl_seconds=services.settings.worker.queue_ttl_seconds,
     )
-    return _public(record, services, base)
 
 
 EVENT_POLL_SECONDS = 0.25
@@ -317,7 +322,7 @@ def get_result(job_id: str, services: ServicesDep, principal: PrincipalDep) -> R
 def cancel_job(
     job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
 ) -> JobPublic:
-    return _cancel(job_id, services, principal, base)
+    return cancel_as(job_id, services, principal, base)
 
 
 @router.post(
@@ -329,10 +334,10 @@ def cancel_job(
 def cancel_job_post(
     job_id: str, services: ServicesDep, principal: PrincipalDep, base: BaseUrlDep
 ) -> JobPublic:
-    return _cancel(job_id, services, principal, base)
+    return cancel_as(job_id, services, principal, base)
 
 
-def _cancel(job_id: str, services: Services, principal: Principal, base: str) -> JobPublic:
+def cancel_as(job_id: str, services: Services, principal: Principal, base: str) -> JobPublic:
     jobs = services.jobs
     ensure_access(principal, jobs.get(job_id))
     if jobs.transition(

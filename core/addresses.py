@@ -36,7 +36,12 @@ address through a translator or a tunnel; an operator who wants those lists the 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from urllib.parse import SplitResult, urlsplit
+
+logger = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -159,3 +164,57 @@ def refused_reason(
         if address in _NAT64:  # public IPv4 behind the well-known prefix: allowed
             return None
     return _plain_reason(address)
+
+
+MAX_URL_LENGTH = 2048
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def check_outbound_url(
+    url: str,
+    *,
+    what: str,
+    refused: Callable[[str], Exception],
+    scheme_hint: str,
+    allow_networks: Iterable[str] = (),
+    resolver: Resolver = resolve,
+) -> tuple[SplitResult, str]:
+    """A URL the service will connect to (a webhook, an image input), parsed, and the address
+    to connect to: every address its host resolves to must pass ``refused_reason``, and an
+    IPv4-mapped answer is returned as its IPv4 address, the one that was judged. ``refused``
+    builds the error (``what`` names the URL in its messages)."""
+    if len(url) > MAX_URL_LENGTH:
+        raise refused(f"The {what} URL is longer than {MAX_URL_LENGTH} characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # a bad port, or brackets around something not an IPv6 address
+        raise refused(f"The {what} URL is malformed.") from exc
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise refused(scheme_hint)
+    if parts.username or parts.password:
+        raise refused(f"The {what} URL must not carry credentials.")
+    try:
+        addresses = [ipaddress.ip_address(text) for text in resolver(parts.hostname, port)]
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise refused(f"The {what} host {parts.hostname!r} does not resolve.") from exc
+    if not addresses:
+        raise refused(f"The {what} host {parts.hostname!r} does not resolve.")
+    networks = [ipaddress.ip_network(network, strict=False) for network in allow_networks]
+    for address in addresses:
+        reason = refused_reason(address, allow_networks=networks)
+        if reason is not None:
+            # The reason stays in the log: it may name an internal address of the host.
+            logger.info("%s URL refused for host %r: %s", what, parts.hostname, reason)
+            raise refused(
+                f"The {what} URL points at a private, loopback, link-local or reserved address."
+            )
+    first = addresses[0]
+    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
+        first = first.ipv4_mapped
+    return parts, str(first)

@@ -19,71 +19,38 @@ import hmac
 import ipaddress
 import json
 import logging
-import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlunsplit
 
 import httpx
 
-from core.addresses import refused_reason
+from core.addresses import Resolver, check_outbound_url, resolve
 from core.errors import InvalidParameters
 
 logger = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-SpaSemSR-Signature"
-MAX_URL_LENGTH = 2048
-Resolver = Callable[[str, int], list[str]]
 
 
 class WebhookRefused(InvalidParameters):
     title = "Webhook URL not allowed"
 
 
-def resolve(host: str, port: int) -> list[str]:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({str(info[4][0]) for info in infos})
-
-
 def check_url(
     url: str, *, allow_networks: Iterable[str] = (), resolver: Resolver = resolve
 ) -> tuple[SplitResult, str]:
-    """Validate a webhook URL; returns it parsed and the address to connect to.
-
-    Every address the host resolves to must pass ``core.addresses.refused_reason``; an
-    IPv4-mapped answer is returned as its IPv4 address, the one that was judged.
-    """
-    if len(url) > MAX_URL_LENGTH:
-        raise WebhookRefused(f"The webhook URL is longer than {MAX_URL_LENGTH} characters.")
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as exc:  # a bad port, or brackets around something not an IPv6 address
-        raise WebhookRefused("The webhook URL is malformed.") from exc
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise WebhookRefused("The webhook URL must be an absolute http or https URL.")
-    if parts.username or parts.password:
-        raise WebhookRefused("The webhook URL must not carry credentials.")
-    try:
-        addresses = [ipaddress.ip_address(text) for text in resolver(parts.hostname, port)]
-    except (OSError, UnicodeError, ValueError) as exc:
-        raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.") from exc
-    if not addresses:
-        raise WebhookRefused(f"The webhook host {parts.hostname!r} does not resolve.")
-    networks = [ipaddress.ip_network(network, strict=False) for network in allow_networks]
-    for address in addresses:
-        reason = refused_reason(address, allow_networks=networks)
-        if reason is not None:
-            # The reason stays in the log: it may name an internal address of the host.
-            logger.info("webhook URL refused for host %r: %s", parts.hostname, reason)
-            raise WebhookRefused(
-                "The webhook URL points at a private, loopback, link-local or reserved address."
-            )
-    first = addresses[0]
-    if isinstance(first, ipaddress.IPv6Address) and first.ipv4_mapped is not None:
-        first = first.ipv4_mapped
-    return parts, str(first)
+    """Validate a webhook URL; returns it parsed and the address to connect to (the rules of
+    ``core.addresses.check_outbound_url``)."""
+    return check_outbound_url(
+        url,
+        what="webhook",
+        refused=WebhookRefused,
+        scheme_hint="The webhook URL must be an absolute http or https URL.",
+        allow_networks=allow_networks,
+        resolver=resolver,
+    )
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:

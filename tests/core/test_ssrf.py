@@ -90,7 +90,7 @@ def test_refused_forms(address: str, reason: str) -> None:
     "address", [row[0] for row in REFUSED if "%" not in row[0]], ids=lambda a: str(a)
 )
 def test_refused_forms_through_check_url(address: str, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="core.webhooks"), pytest.raises(WebhookRefused):
+    with caplog.at_level(logging.INFO, logger="core.addresses"), pytest.raises(WebhookRefused):
         check_url(_url(address))
     reason = refused_reason(address)
     assert reason is not None and reason in caplog.text  # the same predicate gave the reason
