@@ -38,7 +38,7 @@ from core.files import FileStore, StoredFile
 from core.inputs import InputContext, image_bytes
 from core.jobs import JobRecord, JobStatus
 from core.models import ModelName
-from core.owned import Cursor, OwnedPredictions
+from core.owned import Cursor, OwnedJobs
 from core.submission import Submission
 
 router = APIRouter(tags=["replicate"])
@@ -118,9 +118,9 @@ def _files(services: Services) -> FileStore:
     )
 
 
-def _owned(services: Services) -> OwnedPredictions:
+def _owned(services: Services) -> OwnedJobs:
     settings = services.settings
-    return OwnedPredictions(
+    return OwnedJobs(
         services.redis,
         prefix=settings.redis.key_prefix,
         ttl_seconds=settings.worker.record_ttl_seconds,
@@ -364,19 +364,12 @@ def list_predictions(
     after = Cursor.decode(cursor) if cursor else None
     if cursor and after is None:
         raise InvalidParameters("cursor: not a cursor this service gave.")
-    results: list[dict[str, Any]] = []
-    page = owned.page(principal.name, after=after, limit=PAGE_SIZE)
-    for job_id, _score in page:
-        try:
-            record = services.jobs.get(job_id)
-        except JobNotFound:  # expired: its index entry goes too
-            owned.drop(principal.name, job_id)
-            continue
-        results.append(_shown(record, request, services))
+    records, last = owned.records(services.jobs, principal.name, after=after, limit=PAGE_SIZE)
+    results = [_shown(record, request, services) for record in records]
     following = None
-    if len(page) == PAGE_SIZE:
-        last = Cursor(page[-1][1], page[-1][0]).encode()
-        following = f"{base_url(request, services)}/v1/predictions?{urlencode({'cursor': last})}"
+    if last is not None:
+        query = urlencode({"cursor": last.encode()})
+        following = f"{base_url(request, services)}/v1/predictions?{query}"
     return _json({"previous": None, "next": following, "results": results})
 
 

@@ -8,14 +8,34 @@ import time
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    Query,
+    Request,
+    Response,
+    UploadFile,
+    status,
+)
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.errors import problem_response
-from app.schemas import HealthPublic, JobCreate, JobLinks, JobPublic, ModelList, ModelPublic
+from app.schemas import (
+    HealthPublic,
+    JobCreate,
+    JobLinks,
+    JobList,
+    JobPublic,
+    ModelList,
+    ModelPublic,
+)
 from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
 from app.waiting import requested_wait, wait_for_end
@@ -30,6 +50,7 @@ from core.errors import (
 )
 from core.jobs import JobParameters, JobRecord, JobStatus, utcnow
 from core.models import ModelName, default_model
+from core.owned import Cursor, OwnedJobs
 from core.recovery import expire_if_stale
 from core.submission import Submission
 
@@ -191,6 +212,37 @@ def first_message(exc: ValidationError) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first.get("loc", ()))
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+
+
+JOBS_PAGE_SIZE = 50
+
+
+@router.get(
+    "/v1/jobs",
+    response_model=JobList,
+    responses={401: PROBLEM, 422: PROBLEM, 503: PROBLEM},
+    summary="The caller's jobs, newest first (cursor pagination)",
+)
+def list_jobs(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    base: BaseUrlDep,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=JOBS_PAGE_SIZE)] = JOBS_PAGE_SIZE,
+) -> JobList:
+    after = Cursor.decode(cursor) if cursor else None
+    if cursor and after is None:
+        raise InvalidParameters("cursor: not a cursor this service gave.")
+    owned = OwnedJobs(
+        services.redis,
+        prefix=services.settings.redis.key_prefix,
+        ttl_seconds=services.settings.worker.record_ttl_seconds,
+    )
+    records, last = owned.records(services.jobs, principal.name, after=after, limit=limit)
+    following = None
+    if last is not None:
+        following = f"{base}/v1/jobs?{urlencode({'cursor': last.encode(), 'limit': limit})}"
+    return JobList(jobs=[_public(r, services, base) for r in records], next=following)
 
 
 @router.get(

@@ -132,3 +132,11 @@ class ModelList(BaseModel):
 class HealthPublic(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    """One page of the caller's jobs, newest first."""
+
+    jobs: list[JobPublic]
+    next: str | None = None
+    """The next page's URL; ``None`` on the last page."""

@@ -1,10 +1,10 @@
-"""Per-owner index of jobs created through the Replicate-compatible routes, newest first.
+"""Per-owner index of jobs, newest first (``GET /v1/jobs``, ``GET /v1/predictions``).
 
-``GET /v1/predictions`` lists only the caller's own predictions, and the job records have no
-index by owner; this sorted set (job id -> creation time) per owner is written when the
-prediction is created, beside a small JSON note of what the Replicate client sent (its
-``input`` object and ``version``), which the job record has no field for. Both expire with the
-job records; an entry whose record is gone is dropped when a listing meets it.
+Each caller lists only its own jobs, and the job records have no index by owner; this sorted
+set (job id -> creation time) per owner is written in the same transaction as the job itself
+(``core.submission``). A prediction also keeps a small JSON note of what the Replicate client
+sent (its ``input`` object and ``version``), which the job record has no field for. Both
+expire with the job records; an entry whose record is gone is dropped when a listing meets it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis import Redis
+from redis.client import Pipeline
 
+from core.errors import JobNotFound
+from core.jobs import JobRecord
+from core.records import JobStore
 from core.redis_conn import text
 
 
@@ -37,7 +41,7 @@ class Cursor:
             return None
 
 
-class OwnedPredictions:
+class OwnedJobs:
     def __init__(self, connection: Redis, *, prefix: str, ttl_seconds: int) -> None:
         self._redis = connection
         self._prefix = prefix
@@ -48,6 +52,11 @@ class OwnedPredictions:
 
     def _note(self, job_id: str) -> str:
         return f"{self._prefix}:prediction:{job_id}"
+
+    def stage(self, pipe: Pipeline, owner: str, job_id: str, created: float) -> None:
+        """Queue the index entry on ``pipe`` (the caller's transaction)."""
+        pipe.zadd(self._index(owner), {job_id: created})
+        pipe.expire(self._index(owner), self._ttl_seconds)
 
     def add(self, owner: str, job_id: str, created: float, note: dict[str, Any]) -> None:
         """Index the job under its owner and keep its note, in one round trip."""
@@ -81,6 +90,21 @@ class OwnedPredictions:
 
     def drop(self, owner: str, job_id: str) -> None:
         self._redis.zrem(self._index(owner), job_id)
+
+    def records(
+        self, jobs: JobStore, owner: str, *, after: Cursor | None, limit: int
+    ) -> tuple[list[JobRecord], Cursor | None]:
+        """One page of the owner's job records, newest first, and the cursor of the next page
+        (``None`` on the last one). Index entries of expired records are dropped."""
+        page = self.page(owner, after=after, limit=limit)
+        found = []
+        for job_id, _score in page:
+            try:
+                found.append(jobs.get(job_id))
+            except JobNotFound:
+                self.drop(owner, job_id)
+        following = Cursor(page[-1][1], page[-1][0]) if len(page) == limit else None
+        return found, following
 
 
 def _pairs(rows: object) -> list[tuple[str, float]]:

@@ -48,6 +48,7 @@ from core.jobs import (
 )
 from core.limits import IdempotencyKeys, request_fingerprint
 from core.models import ModelName, default_model
+from core.owned import OwnedJobs
 from core.queue import Admission, Claim, JobQueue, Outcome
 from core.records import JobStore
 from core.settings import Settings
@@ -129,6 +130,9 @@ class SubmissionService:
         self._workers = workers
         self._idempotency = idempotency
         self._check_image = check_image
+        self._owned = OwnedJobs(
+            redis, prefix=settings.redis.key_prefix, ttl_seconds=settings.worker.record_ttl_seconds
+        )
 
     def submit(self, submission: Submission) -> Accepted:
         """Check, admit, store and queue one upload, or raise the error that refused it."""
@@ -152,7 +156,7 @@ class SubmissionService:
             self._storage.put(
                 record.input_key, submission.data, content_type=info.format.media_type
             )
-            position = self._commit(record)
+            position = self._commit(record, submission.client)
         except BaseException:
             # Nothing half-accepted stays behind: no orphan input, no record without a queue
             # entry, no place held in line, no claimed key.
@@ -266,13 +270,15 @@ class SubmissionService:
             )
         return admission
 
-    def _commit(self, record: JobRecord) -> int:
-        """The record, its queued-index entry and its RQ entry in one transaction, which also
-        ends the reservation and reads the job's place in line: one round trip."""
+    def _commit(self, record: JobRecord, client: str) -> int:
+        """The record, its queued-index and owner-index entries and its RQ entry in one
+        transaction, which also ends the reservation and reads the job's place in line: one
+        round trip."""
         worker = self._settings.worker
         with self._redis.pipeline() as pipe:
             pipe.multi()  # explicit: RQ's enqueue_job begins one only on an empty pipeline
             self._jobs.create(record, pipeline=pipe)
+            self._owned.stage(pipe, client, record.id, record.created_at.timestamp())
             position_of = self._queue.stage_entry(
                 pipe,
                 payload_for(record),

@@ -44,7 +44,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
     [
         ("OPTIONS", "/v1/jobs/some-id", {"GET", "DELETE"}),
         ("PUT", "/v1/jobs/some-id", {"GET", "DELETE"}),
-        ("PATCH", "/v1/jobs", {"POST"}),
+        ("PATCH", "/v1/jobs", {"GET", "POST"}),
         ("GET", "/v1/jobs/some-id/cancel", {"POST"}),
         ("OPTIONS", "/metrics", {"GET", "HEAD"}),
     ],
