@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,9 +30,9 @@ def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def run(
-    pipe: SpaSemSRPipeline, image: Image.Image, *, seed: int = 0, **kwargs: object
+    pipe: SpaSemSRPipeline, image: Image.Image, *, seed: int = 0, **kwargs: Any
 ) -> torch.Tensor:
-    options: dict[str, object] = {"scale": 4, "prompt": PROMPT, "num_inference_steps": 2}
+    options: dict[str, Any] = {"scale": 4, "prompt": PROMPT, "num_inference_steps": 2}
     options.update(kwargs)
     output = pipe(image, generator=torch.Generator().manual_seed(seed), output_type="pt", **options)
     images = output.images
@@ -196,6 +197,7 @@ def test_tensor_input_equals_pil_input(tiny_pipeline: SpaSemSRPipeline) -> None:
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
     ).images
+    assert isinstance(tensor_output, torch.Tensor)
     assert torch.equal(pil_output, tensor_output)
 
 
@@ -262,7 +264,7 @@ def test_save_and_load_give_identical_outputs(
 ) -> None:
     tiny_pipeline.save_pretrained(tmp_path / "pipe")
     loaded = SpaSemSRPipeline.from_pretrained(tmp_path / "pipe")
-    assert loaded.config.configuration == "tiny" and loaded.config.trained is False
+    assert loaded.config["configuration"] == "tiny" and loaded.config["trained"] is False
     for part in (
         "unet",
         "controlnet",
