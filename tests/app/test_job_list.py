@@ -37,5 +37,6 @@ def test_each_caller_lists_its_own_jobs_newest_first_by_pages(secured: TestClien
 
 
 def test_a_cursor_not_given_by_the_service_is_a_422(secured: TestClient) -> None:
-    _assert_problem(secured.get("/v1/jobs?cursor=nope", headers=_as(ALICE)), 422, "Invalid parameters")
+    refused = secured.get("/v1/jobs?cursor=nope", headers=_as(ALICE))
+    _assert_problem(refused, 422, "Invalid parameters")
     _assert_problem(secured.get("/v1/jobs"), 401, "Missing or invalid API key")
