@@ -16,6 +16,8 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY core ./core
 COPY app ./app
 COPY cli ./cli
+# The CLI reads the training config (plain dataclasses) for train's options; model/ is a stub.
+COPY model/training_config.py ./model/training_config.py
 COPY client ./client
 # The API needs only the base dependencies: the model and worker packages are empty stubs so
 # that the package list of pyproject.toml resolves without their code or dependencies.
