@@ -7,15 +7,20 @@
   step updates the whole latent, so the noise is shared across tiles. Each tile gets its own
   conditioning, made once before the loop: the visual guidance of its crop and the boxes that
   intersect it, re-projected into tile coordinates (:func:`boxes_for_tile`).
-* **VAE tiles**: encode and decode run tile by tile with feathered overlaps. Every GroupNorm uses
-  statistics shared by all tiles -- whole-image statistics gathered in a first pass over the
-  tiles -- instead of per-tile statistics, so tiles do not drift apart in tone [I] (see
-  :func:`tiled_apply`).
+* **VAE tiles**: encode and decode run over tiles with feathered overlaps, each tile once, tiles
+  of one shape in batches. Every GroupNorm uses statistics shared by all tiles instead of
+  per-tile statistics, so tiles do not drift apart in tone [I]: by default those of one untiled
+  run on a mosaic of full-resolution blocks spread over the whole input (one tile of work,
+  :func:`mosaic_group_norm_stats`); the earlier first pass over every tile
+  (:func:`tile_pass_group_norm_stats`) remains as ``statistics="two-pass"``. The shared
+  normalisation is a per-channel affine map in the activation's dtype and memory layout
+  (:class:`SharedNorm`), with no Python on values, so a compiled VAE traces it whole.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -137,6 +142,35 @@ def boxes_for_tile(prompt: GroundedPrompt, tile: Box) -> GroundedPrompt:
 GroupStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Per GroupNorm module name: per-sample, per-group ``(mean, variance)``, each ``(B, groups)``."""
 
+STATISTICS = ("mosaic", "two-pass")
+"""Where a tiled VAE pass gets its shared GroupNorm statistics: ``mosaic``, one untiled run on a
+mosaic of full-resolution blocks of the input (:func:`mosaic_group_norm_stats`; the work of one
+tile at the pipeline's tile sizes); ``two-pass``, a first pass over every tile summing each
+GroupNorm input over the region the tile owns (:func:`tile_pass_group_norm_stats`; twice the
+work)."""
+
+MOSAIC_BLOCKS = 4
+"""Blocks per side of the statistics mosaic: 16 blocks spread over the input."""
+
+MIN_MOSAIC_BLOCK = 8
+"""Smallest block side in latent cells. The decoder's reach is a number of latent cells whatever
+the tile size, and a block much smaller than that is mostly border; so a block is a quarter tile
+(16 cells of the pipeline's 64-cell tiles: the mosaic is one tile) but never below this."""
+
+UNTILED_TILES = 4
+"""A latent with no more cells than this many tiles is run untiled: exact, cheaper than its
+overlapping tiles plus a statistics pass, in the memory of a batch of four tiles."""
+
+VAE_TILE_BATCH = {"cuda": 4}
+"""Tiles per VAE forward by device type, when the caller does not say; 1 elsewhere. On a GPU a
+batch keeps the low-resolution layers of a 512² tile busy; memory grows linearly (four 512² SD
+decoder tiles in bf16: a few GiB by activation sizes, not measured on a GPU yet). On a CPU a
+batch is slower (bench/RESULTS.md)."""
+
+
+def default_vae_batch(device: torch.device) -> int:
+    return VAE_TILE_BATCH.get(device.type, 1)
+
 
 def owned_regions(tiles: list[Tile]) -> list[Tile]:
     """A partition of the grid among ``tiles``: each overlap is split in its middle.
@@ -159,17 +193,17 @@ def owned_regions(tiles: list[Tile]) -> list[Tile]:
     return regions
 
 
-def _normalise_with(
-    norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
-) -> torch.Tensor:
-    batch, channels = x.shape[:2]
-    grouped = x.float().reshape(batch, norm.num_groups, -1)
-    grouped = (grouped - mean[..., None]) * torch.rsqrt(var[..., None] + norm.eps)
-    y = grouped.reshape(x.shape).to(x.dtype)
-    if norm.affine:
-        shape = (1, channels) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.view(shape) + norm.bias.view(shape)
-    return y
+def tile_batches(tiles: list[Tile], size: int) -> list[list[Tile]]:
+    """``tiles`` grouped by shape, in order, in batches of at most ``size``."""
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for t in tiles:
+        groups.setdefault((t.height, t.width), []).append(t)
+    step = max(1, size)
+    return [group[i : i + step] for group in groups.values() for i in range(0, len(group), step)]
+
+
+def _group_norms(net: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)]
 
 
 @contextmanager
@@ -177,7 +211,7 @@ def _patched_group_norms(
     net: nn.Module,
     make_forward: Callable[[str, nn.GroupNorm], Callable[[torch.Tensor], torch.Tensor]],
 ) -> Iterator[None]:
-    norms = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)]
+    norms = _group_norms(net)
     try:
         for name, norm in norms:
             norm.forward = make_forward(name, norm)  # type: ignore[method-assign,assignment]
@@ -187,68 +221,249 @@ def _patched_group_norms(
             norm.__dict__.pop("forward", None)
 
 
+def _plain_group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
 @dataclass
-class _Region:
-    """The tile being run and the part of it it owns, in the network input's cells."""
+class SharedNorm:
+    """A GroupNorm that normalises by given statistics instead of its input's.
 
-    tile: Tile = Tile(0, 0, 1, 1)
-    owned: Tile = Tile(0, 0, 1, 1)
+    The statistics are per sample and channel (each group's moments repeated over its channels),
+    in float32, made once per image, so that the per-tile work is one elementwise map in the
+    activation's own dtype and memory layout, free of Python branching on values (compilable).
+    """
 
-    def crop(self, x: torch.Tensor) -> torch.Tensor:
-        """The owned part of an activation ``x`` of this tile, at ``x``'s resolution.
+    mean: torch.Tensor
+    """``(B, C)``."""
+    var: torch.Tensor
+    """``(B, C)``."""
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
-        ``x`` is ``(B, C, h, w)``, or ``(B, C, h * w)`` as in a VAE attention's GroupNorm.
-        """
-        if x.ndim == 3:
-            scale = math.sqrt(x.shape[-1] / (self.tile.height * self.tile.width))
-            height = round(self.tile.height * scale)
-            x = x.reshape(*x.shape[:2], height, x.shape[-1] // height)
-        scale_h, scale_w = x.shape[-2] / self.tile.height, x.shape[-1] / self.tile.width
-        top = round((self.owned.top - self.tile.top) * scale_h)
-        left = round((self.owned.left - self.tile.left) * scale_w)
-        bottom = top + max(1, round(self.owned.height * scale_h))
-        right = left + max(1, round(self.owned.width * scale_w))
-        return x[..., top:bottom, left:right]
+    @classmethod
+    def of(cls, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> SharedNorm:
+        """From per-group ``(B, groups)`` moments."""
+        per_group = norm.num_channels // norm.num_groups
 
+        def channels(t: torch.Tensor) -> torch.Tensor:
+            return t.float().repeat_interleave(per_group, dim=1)
 
-@contextmanager
-def _accumulating_group_norm_moments(
-    net: nn.Module, moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]], region: _Region
-) -> Iterator[None]:
-    """Run ``net`` with per-tile GroupNorm, summing each GroupNorm input over the owned region."""
+        return cls(
+            mean=channels(mean),
+            var=channels(var),
+            weight=norm.weight.float() if norm.affine else None,
+            bias=norm.bias.float() if norm.affine else None,
+            eps=norm.eps,
+        )
 
-    def make_forward(name: str, norm: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            core = region.crop(x).double().reshape(x.shape[0], norm.num_groups, -1)
-            zero = torch.zeros((), dtype=torch.float64, device=x.device)
-            total, squares, count = moments.get(name, (zero, zero, 0))
-            moments[name] = (
-                total + core.sum(-1),
-                squares + core.square().sum(-1),
-                count + core.shape[-1],
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [self.mean, self.var, self.weight, self.bias]
+
+    def load(self, other: SharedNorm) -> bool:
+        """Take ``other``'s values in place when every tensor has the same shape, dtype and
+        device (then a compiled network that captured these tensors needs no recompilation);
+        ``False`` (nothing changed) otherwise."""
+        pairs = list(zip(self._tensors(), other._tensors(), strict=True))
+        same = self.eps == other.eps and all(
+            (a is None and b is None)
+            or (
+                a is not None
+                and b is not None
+                and (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device)
             )
-            return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+            for a, b in pairs
+        )
+        if same:
+            for a, b in pairs:
+                if a is not None and b is not None:
+                    a.copy_(b)
+        return same
 
-        return forward
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean.shape[0] == 1:
+            # One image: every tile of a batch normalises with the same per-channel statistics,
+            # which is exactly inference-mode batch norm -- one fused kernel that reads half
+            # precision with float32 statistics (computing in float32, writing x's dtype),
+            # keeps channels-last, and that compilers lower to a fused elementwise op.
+            return F.batch_norm(
+                x, self.mean[0], self.var[0], self.weight, self.bias, training=False, eps=self.eps
+            )
+        # Several images per tile batch (not the pipeline's case): per-sample scale and shift,
+        # repeated for each tile, applied in float32 and cast back.
+        scale = torch.rsqrt(self.var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        repeats = x.shape[0] // scale.shape[0]
+        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        scale, shift = scale.repeat(repeats, 1).view(shape), shift.repeat(repeats, 1).view(shape)
+        return torch.addcmul(shift, x, scale).to(x.dtype)
 
-    with _patched_group_norms(net, make_forward):
-        yield
+
+# One SharedNorm per GroupNorm, reused from image to image with new values, so that a compiled
+# VAE (whose guards hold these objects and tensors) does not recompile for every image.
+_SHARED_NORMS: weakref.WeakKeyDictionary[nn.GroupNorm, SharedNorm] = weakref.WeakKeyDictionary()
+
+
+def _shared_norm(norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> SharedNorm:
+    fresh = SharedNorm.of(norm, mean, var)
+    held = _SHARED_NORMS.get(norm)
+    if held is not None and held.load(fresh):
+        return held
+    _SHARED_NORMS[norm] = fresh
+    return fresh
 
 
 @contextmanager
 def shared_group_norm_stats(net: nn.Module, stats: GroupStats) -> Iterator[None]:
-    """Run ``net`` with every GroupNorm normalising by the given statistics, not its input's."""
+    """Run ``net`` with every GroupNorm normalising by the given statistics, not its input's.
+
+    ``stats`` are per sample of one image; a batch of ``k`` tiles of that image (``k * B``
+    samples, tile-major) uses them for every tile."""
 
     def make_forward(name: str, norm: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         mean, var = stats[name]
+        return _shared_norm(norm, mean, var)
 
+    with _patched_group_norms(net, make_forward):
+        yield
+
+
+@contextmanager
+def recorded_group_norm_stats(net: nn.Module, stats: GroupStats) -> Iterator[None]:
+    """Run ``net`` unchanged, recording every GroupNorm input's per-group moments in ``stats``.
+
+    Moments are float32 (two-pass ``var_mean``): half-precision sums over a whole activation
+    lose digits. Each GroupNorm is expected to run once per forward (true of the VAE)."""
+
+    def make_forward(name: str, norm: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return _normalise_with(norm, x, mean.to(x.device), var.to(x.device))
+            grouped = x.reshape(x.shape[0], norm.num_groups, -1).float()
+            var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+            stats[name] = (mean, var)
+            # Normalised by the moments just taken: GroupNorm itself, without a second reduction.
+            return SharedNorm.of(norm, mean, var)(x)
 
         return forward
 
     with _patched_group_norms(net, make_forward):
         yield
+
+
+def mosaic(x: torch.Tensor, *, side: int, block: int, multiple: int = 1) -> torch.Tensor:
+    """A thumbnail of ``x`` about ``side`` cells square, made of ``block``-sized full-resolution
+    blocks of ``x`` spread evenly over it (``side // block`` per side, the last flush with the
+    end, overlapping where ``x`` is short); ``x`` itself when it has no more cells than that.
+    Block starts and sides are multiples of ``multiple`` (a VAE encoder's pixels)."""
+    height, width = x.shape[-2:]
+    if height * width <= side * side:
+        return x
+    count = max(2, side // block)
+    block_h, block_w = min(block, height), min(block, width)
+
+    def starts(length: int, size: int) -> list[int]:
+        last = length - size
+        return [i * last // (count - 1) // multiple * multiple for i in range(count)]
+
+    lefts = starts(width, block_w)
+    rows = [
+        torch.cat([x[..., top : top + block_h, left : left + block_w] for left in lefts], -1)
+        for top in starts(height, block_h)
+    ]
+    return torch.cat(rows, -2)
+
+
+def mosaic_group_norm_stats(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    net: nn.Module,
+    x: torch.Tensor,
+    *,
+    side: int,
+    block: int,
+    multiple: int = 1,
+) -> GroupStats:
+    """GroupNorm statistics of ``net`` from one untiled ``run`` on a :func:`mosaic` of ``x``.
+
+    The blocks keep ``x``'s full resolution, so every activation keeps its fine detail and its
+    variance (an area-downsampled ``x`` loses exactly that: on noise-like latents its variances
+    come out several times too small and the decode blows up); spread over the whole of ``x``,
+    they sample its content everywhere. One run normalised by its own statistics keeps every
+    layer's statistics consistent with the layers before it, which a per-tile first pass does not
+    (each tile there sees different earlier normalisations). Costs ``side²`` cells of work.
+    """
+    stats: GroupStats = {}
+    with recorded_group_norm_stats(net, stats):
+        run(mosaic(x, side=side, block=block, multiple=multiple))
+    return stats
+
+
+def _crop_owned(x: torch.Tensor, tile: Tile, owned: Tile) -> torch.Tensor:
+    """The part of activation ``x`` of ``tile`` that ``owned`` covers, at ``x``'s resolution.
+
+    ``x`` is ``(B, C, h, w)``, or ``(B, C, h * w)`` as in a VAE attention's GroupNorm.
+    """
+    if x.ndim == 3:
+        scale = math.sqrt(x.shape[-1] / (tile.height * tile.width))
+        height = round(tile.height * scale)
+        x = x.reshape(*x.shape[:2], height, x.shape[-1] // height)
+    scale_h, scale_w = x.shape[-2] / tile.height, x.shape[-1] / tile.width
+    top = round((owned.top - tile.top) * scale_h)
+    left = round((owned.left - tile.left) * scale_w)
+    bottom = top + max(1, round(owned.height * scale_h))
+    right = left + max(1, round(owned.width * scale_w))
+    return x[..., top:bottom, left:right]
+
+
+def tile_pass_group_norm_stats(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    net: nn.Module,
+    x: torch.Tensor,
+    *,
+    tiles: list[Tile],
+    batch_size: int = 1,
+) -> GroupStats:
+    """Whole-image GroupNorm statistics of ``net`` from a first pass over every tile [I].
+
+    Each tile runs with its own statistics while every GroupNorm input is summed (float64) over
+    the region the tile owns (:func:`owned_regions`), so each cell counts once and never near a
+    tile's edge. Exact for a single GroupNorm; in a deep network each layer's statistics come
+    from inputs that earlier per-tile normalisations shaped, so they drift from the untiled
+    ones (more than :func:`mosaic_group_norm_stats` does, bench/RESULTS.md). Twice the work.
+    """
+    samples = x.shape[0]
+    owner = dict(zip(tiles, owned_regions(tiles), strict=True))
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    current: list[Tile] = []
+
+    def make_forward(name: str, norm: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(activation: torch.Tensor) -> torch.Tensor:
+            zero = torch.zeros((), dtype=torch.float64, device=activation.device)
+            total, squares, count = moments.get(name, (zero, zero, 0))
+            for index, tile in enumerate(current):
+                part = activation[index * samples : (index + 1) * samples]
+                core = _crop_owned(part, tile, owner[tile]).double()
+                core = core.reshape(samples, norm.num_groups, -1)
+                total = total + core.sum(-1)
+                squares = squares + core.square().sum(-1)
+                count += core.shape[-1]
+            moments[name] = (total, squares, count)
+            return _plain_group_norm(norm, activation)
+
+        return forward
+
+    with _patched_group_norms(net, make_forward):
+        for batch in tile_batches(tiles, batch_size):
+            current[:] = batch
+            run(torch.cat([x[..., t.slices[0], t.slices[1]] for t in batch]))
+    stats: GroupStats = {}
+    for name, (total, squares, count) in moments.items():
+        mean = total / count
+        stats[name] = (mean.float(), (squares / count - mean.square()).clamp(min=0).float())
+    return stats
 
 
 def tiled_apply(
@@ -259,26 +474,20 @@ def tiled_apply(
     tiles: list[Tile],
     factor: float,
     ramp: int,
+    stats: GroupStats | None = None,
+    batch_size: int = 1,
 ) -> torch.Tensor:
     """``run(x)`` tile by tile, with the GroupNorms of ``net`` (the part of ``run`` that normalises)
     sharing statistics across tiles; outputs are blended with :func:`feather_weights`.
 
     ``tiles`` are in ``x``'s cells; output tile ``t`` is ``t`` scaled by ``factor`` (8 for a VAE
-    decoder, 1/8 for an encoder); ``ramp`` is the blend ramp in output cells. Two passes over the
-    tiles [I]: the first runs each tile with its own statistics while summing every GroupNorm
-    input over the region the tile owns (:func:`owned_regions`), giving whole-image statistics;
-    the second runs every tile with those shared statistics. Memory stays that of one tile.
+    decoder, 1/8 for an encoder); ``ramp`` is the blend ramp in output cells. ``stats`` are the
+    shared statistics (e.g. :func:`mosaic_group_norm_stats`); ``None`` gathers them first in a
+    pass over the tiles (:func:`tile_pass_group_norm_stats`). Then one pass: tiles of one shape
+    run ``batch_size`` at a time, so memory is that of one batch of tiles.
     """
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-    region = _Region()
-    with _accumulating_group_norm_moments(net, moments, region):
-        for tile, owned in zip(tiles, owned_regions(tiles), strict=True):
-            region.tile, region.owned = tile, owned
-            run(x[..., tile.slices[0], tile.slices[1]])
-    stats: GroupStats = {}
-    for name, (total, squares, count) in moments.items():
-        mean = total / count
-        stats[name] = (mean.float(), (squares / count - mean.square()).clamp(min=0).float())
+    if stats is None:
+        stats = tile_pass_group_norm_stats(run, net, x, tiles=tiles, batch_size=batch_size)
 
     def scaled(t: Tile) -> Tile:
         return Tile(
@@ -290,17 +499,22 @@ def tiled_apply(
 
     out: torch.Tensor | None = None
     total_weight: torch.Tensor | None = None
+    weights: dict[tuple[int, int], torch.Tensor] = {}
     with shared_group_norm_stats(net, stats):
-        for tile in tiles:
-            result = run(x[..., tile.slices[0], tile.slices[1]]).float()
-            if out is None or total_weight is None:
-                height, width = round(x.shape[-2] * factor), round(x.shape[-1] * factor)
-                out = torch.zeros(*result.shape[:2], height, width, device=result.device)
-                total_weight = torch.zeros(1, 1, height, width, device=result.device)
-            target = scaled(tile)
-            weight = feather_weights(target.height, target.width, ramp).to(result.device)
-            out[..., target.slices[0], target.slices[1]] += result * weight
-            total_weight[..., target.slices[0], target.slices[1]] += weight
+        for batch in tile_batches(tiles, batch_size):
+            results = run(torch.cat([x[..., t.slices[0], t.slices[1]] for t in batch]))
+            for tile, result in zip(batch, results.float().split(x.shape[0]), strict=True):
+                if out is None or total_weight is None:
+                    height, width = round(x.shape[-2] * factor), round(x.shape[-1] * factor)
+                    out = torch.zeros(*result.shape[:2], height, width, device=result.device)
+                    total_weight = torch.zeros(1, 1, height, width, device=result.device)
+                target = scaled(tile)
+                key = (target.height, target.width)
+                if key not in weights:
+                    weights[key] = feather_weights(*key, ramp).to(result.device)
+                rows, cols = target.slices
+                out[..., rows, cols] += result * weights[key]
+                total_weight[..., rows, cols] += weights[key]
     assert out is not None and total_weight is not None
     return (out / total_weight).to(x.dtype)
 
@@ -321,41 +535,102 @@ def _decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return image
 
 
+def _fits_untiled(height: int, width: int, *, tile: int) -> bool:
+    return (height <= tile and width <= tile) or height * width <= UNTILED_TILES * tile**2
+
+
+def _tiled_vae(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    net: nn.Module,
+    x: torch.Tensor,
+    *,
+    tile: int,
+    overlap: int,
+    factor: int,
+    encoder: bool,
+    batch_size: int | None,
+    statistics: str,
+) -> torch.Tensor:
+    """``run`` over VAE tiles of ``x`` (``tile`` and ``overlap`` in latent cells; ``factor`` the
+    VAE's scale factor; ``x`` an image when ``encoder``, else latents)."""
+    if statistics not in STATISTICS:
+        raise ValueError(f"unknown statistics {statistics!r}; expected one of {STATISTICS}")
+    if batch_size is None:
+        batch_size = default_vae_batch(x.device)
+    cells = factor if encoder else 1  # x's cells per latent cell
+    grid = tile_grid(x.shape[-2] // cells, x.shape[-1] // cells, tile, overlap)
+    tiles = [t.scaled(cells) for t in grid]
+    if statistics == "two-pass":
+        stats = tile_pass_group_norm_stats(run, net, x, tiles=tiles, batch_size=batch_size)
+    else:
+        # Not tied to batch_size, so that the batch changes speed and memory, never the result.
+        block = max(MIN_MOSAIC_BLOCK, tile // MOSAIC_BLOCKS)
+        stats = mosaic_group_norm_stats(
+            run, net, x, side=MOSAIC_BLOCKS * block * cells, block=block * cells, multiple=cells
+        )
+    return tiled_apply(
+        run, net, x,
+        tiles=tiles,
+        factor=1 / factor if encoder else factor,
+        ramp=overlap if encoder else overlap * factor,
+        stats=stats,
+        batch_size=batch_size,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def tiled_vae_encode(
-    vae: AutoencoderKL, image: torch.Tensor, *, tile: int = 64, overlap: int = 8
+    vae: AutoencoderKL,
+    image: torch.Tensor,
+    *,
+    tile: int = 64,
+    overlap: int = 8,
+    batch_size: int | None = None,
+    statistics: str = "mosaic",
 ) -> torch.Tensor:
-    """Scaled VAE latent (mode of the posterior) of ``image`` in ``[-1, 1]``, tiled beyond ``tile``
-    latent cells.
+    """Scaled VAE latent (mode of the posterior) of ``image`` in ``[-1, 1]``, tiled when the latent
+    has more cells than :data:`UNTILED_TILES` tiles of ``tile`` latent cells square.
 
     ``image``'s sides must be multiples of the VAE's scale factor; ``tile`` and ``overlap`` are
-    in latent cells.
+    in latent cells; ``batch_size`` tiles per encoder forward, each encoded once (``None``:
+    :func:`default_vae_batch`); ``statistics`` one of :data:`STATISTICS`.
     """
     factor = vae_scale_factor(vae)
     height, width = image.shape[-2] // factor, image.shape[-1] // factor
-    if height <= tile and width <= tile:
+    if _fits_untiled(height, width, tile=tile):
         return _encode(vae, image)
-    tiles = [t.scaled(factor) for t in tile_grid(height, width, tile, overlap)]
-    return tiled_apply(
-        lambda x: _encode(vae, x), vae.encoder, image, tiles=tiles, factor=1 / factor, ramp=overlap
-    )
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _encode(vae, x)
+
+    return _tiled_vae(
+        run, vae.encoder, image, tile=tile, overlap=overlap, factor=factor, encoder=True,
+        batch_size=batch_size, statistics=statistics,
+    )  # fmt: skip
 
 
 @torch.no_grad()
 def tiled_vae_decode(
-    vae: AutoencoderKL, latents: torch.Tensor, *, tile: int = 64, overlap: int = 8
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    *,
+    tile: int = 64,
+    overlap: int = 8,
+    batch_size: int | None = None,
+    statistics: str = "mosaic",
 ) -> torch.Tensor:
-    """Image in ``[-1, 1]`` decoded from scaled ``latents``, tiled beyond ``tile`` latent cells."""
+    """Image in ``[-1, 1]`` decoded from scaled ``latents``, tiled when they have more cells than
+    :data:`UNTILED_TILES` tiles of ``tile`` cells square: ``batch_size`` tiles per decoder
+    forward (``None``: :func:`default_vae_batch`), each decoded once, GroupNorm statistics shared
+    by all tiles from ``statistics`` (one of :data:`STATISTICS`)."""
     height, width = latents.shape[-2:]
-    if height <= tile and width <= tile:
+    if _fits_untiled(height, width, tile=tile):
         return _decode(vae, latents)
-    factor = vae_scale_factor(vae)
-    tiles = tile_grid(height, width, tile, overlap)
-    return tiled_apply(
-        lambda z: _decode(vae, z),
-        vae.decoder,
-        latents,
-        tiles=tiles,
-        factor=factor,
-        ramp=overlap * factor,
-    )
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        return _decode(vae, z)
+
+    return _tiled_vae(
+        run, vae.decoder, latents, tile=tile, overlap=overlap, factor=vae_scale_factor(vae),
+        encoder=False, batch_size=batch_size, statistics=statistics,
+    )  # fmt: skip
