@@ -15,6 +15,15 @@ modules and hands the loop settings to the pipeline. Two presets:
   channels-last, ``torch.compile`` of UNet and ControlNet with static shapes and CUDA graphs, CFG
   in one batch, tiles in batches; on CPU the subset that helps there.
 
+**Shape buckets.** Static shapes compile (and capture a CUDA graph) once per input shape, and
+Dynamo stops compiling a module after ``recompile_limit`` shapes, running every later shape
+uncompiled for the worker's life. So a compiled worker serves a fixed set of shapes, all compiled
+at warm-up: tile sides from ``tile_buckets`` (a request's ``tile_size`` maps onto them with
+:func:`tile_bucket`; a tile smaller than its bucket -- an image smaller than a tile -- is
+reflect-padded up to it and its prediction cropped back), and forward batches from
+:attr:`PerformanceSettings.forward_batches` (a batch of tiles is split into the tile counts of
+:attr:`PerformanceSettings.tile_counts`).
+
 Per-image work (text encoding, visual guidance, tile conditioning) is computed once before the
 denoising loop by the pipeline itself whatever the settings.
 """
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +64,16 @@ CONVERTED_MODULES = (
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+CUDA_TILE_BUCKETS = (256, 512)
+"""Tile sides (output pixels) a compiled CUDA worker serves: 512, SD-2-base's training size and
+the default, and 256, the out-of-memory retry's halved tiles and the bucket of small images.
+Requests of 1024-px tiles run at 512: one more bucket would mean five more compilations of each
+module at warm-up for a rarely chosen size."""
+
+RECOMPILE_HEADROOM = 8
+"""Shapes allowed beyond the served set before Dynamo gives up on a module (a second pipeline in
+the same process, e.g. a benchmark, shares the modules' code objects and so their cache)."""
+
 
 @dataclass(frozen=True)
 class PerformanceSettings:
@@ -70,7 +89,8 @@ class PerformanceSettings:
     ``compile_backend``: Dynamo backend (``inductor``; tests use ``aot_eager``);
     ``fullgraph``: fail on a graph break instead of splitting the graph; ``cfg_batched``:
     unconditional and conditional halves in one forward; ``tile_batch_size``: tiles of one
-    shape per forward.
+    shape per forward (at most); ``tile_buckets``: the tile sides in output pixels that the
+    denoiser runs at (empty: each image's own tile shape, as eager runs need no buckets).
     """
 
     dtype: torch.dtype = torch.float32
@@ -84,6 +104,7 @@ class PerformanceSettings:
     fullgraph: bool = False
     cfg_batched: bool = True
     tile_batch_size: int = 1
+    tile_buckets: tuple[int, ...] = ()
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +120,24 @@ class PerformanceSettings:
             raise ValueError("cuda_graphs needs compile=True (graphs are captured by Inductor)")
         if self.tile_batch_size < 1:
             raise ValueError(f"tile_batch_size must be >= 1, got {self.tile_batch_size}")
+        buckets = self.tile_buckets
+        if any(side < 1 for side in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"tile_buckets must be increasing positive sides, got {buckets}")
+
+    @property
+    def tile_counts(self) -> tuple[int, ...]:
+        """Tiles per forward: the powers of two up to ``tile_batch_size``, and that size. Any
+        number of tiles splits into these (largest first), so no batch is padded with dummy tiles
+        and the set of batch shapes stays small."""
+        counts = {1 << bit for bit in range(self.tile_batch_size.bit_length())}
+        return tuple(sorted(counts | {self.tile_batch_size}))
+
+    @property
+    def forward_batches(self) -> tuple[int, ...]:
+        """Batch sizes of the denoiser's forwards: tile counts, and twice those when the two
+        classifier-free-guidance halves run together (a request without guidance runs one)."""
+        halves = (1, 2) if self.cfg_batched else (1,)
+        return tuple(sorted({count * half for count in self.tile_counts for half in halves}))
 
     @property
     def compile_mode(self) -> str:
@@ -125,6 +164,7 @@ class PerformanceSettings:
                 cuda_graphs=True,
                 cfg_batched=True,
                 tile_batch_size=8,
+                tile_buckets=CUDA_TILE_BUCKETS,
                 name="optimised",
             )
         # CPU: bf16 is slower than fp32 without matrix extensions and Inductor's C++ build costs
@@ -142,7 +182,45 @@ class PerformanceSettings:
             "cuda_graphs": self.cuda_graphs,
             "cfg_batched": self.cfg_batched,
             "tile_batch_size": self.tile_batch_size,
+            "tile_buckets": list(self.tile_buckets) or "off",
         }
+
+
+def tile_bucket(buckets: Sequence[int], tile_size: int) -> int:
+    """The served tile side for a requested ``tile_size``: the largest bucket not above it, so a
+    request never gets larger tiles (more memory) than it asked for, and the out-of-memory retry's
+    halving still shrinks them; below every bucket, the smallest."""
+    if not buckets:
+        raise ValueError("no tile buckets to choose from")
+    fitting = [side for side in buckets if side <= tile_size]
+    return max(fitting) if fitting else min(buckets)
+
+
+@dataclass(frozen=True)
+class WarmUpReport:
+    """What a worker's warm-up did: ``seconds`` in all, of which ``compile_seconds`` compiling and
+    capturing the served ``shapes`` (``(batch, latent height, latent width)`` of the denoiser's
+    forwards), and the number of ``graphs`` Dynamo compiled meanwhile."""
+
+    seconds: float
+    compile_seconds: float = 0.0
+    shapes: tuple[tuple[int, int, int], ...] = ()
+    graphs: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.seconds, 3),
+            "compile_seconds": round(self.compile_seconds, 3),
+            "shapes": [list(shape) for shape in self.shapes],
+            "graphs": self.graphs,
+        }
+
+
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (a recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def attention_context(backend: str) -> contextlib.AbstractContextManager[None]:
@@ -169,7 +247,19 @@ def apply_performance(pipeline: SpaSemSRPipeline, settings: PerformanceSettings)
             module: torch.nn.Module = getattr(pipeline, name)
             # memory_format is a documented keyword of Module.to that the stubs do not list.
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if settings.tile_buckets:
+        multiple = pipeline.pixel_multiple
+        if any(side % multiple for side in settings.tile_buckets):
+            raise ValueError(
+                f"tile_buckets {settings.tile_buckets} must be multiples of {multiple} pixels"
+            )
     if settings.compile:
+        if settings.tile_buckets:
+            # Every served shape must stay compiled: the per-code-object cache limit (8 by
+            # default) is below the served set of the CUDA preset (2 sides x 5 batches).
+            served = len(settings.tile_buckets) * len(settings.forward_batches)
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, served + RECOMPILE_HEADROOM)
         options: dict[str, Any] = {
             "fullgraph": settings.fullgraph,
             "dynamic": False,

@@ -5,7 +5,8 @@
 The forward pass of DESIGN 1.2, as numbered steps in :meth:`SpaSemSRPipeline.__call__`:
 
 1. bicubic upsampling of the LR image to ``scale x`` its size (the colour-fix reference), padded to
-   a multiple the VAE and UNet can halve;
+   a multiple the VAE and UNet can halve, computed region by region where it is needed (never held
+   at full resolution beyond the VAE encoder's input);
 2. text, once per image: ``T_deg`` (degradation-aware caption) and the negative prompt through the
    frozen
    text encoder; ``T_spa`` (tags + aligned box add) once per tile, from the boxes that intersect it;
@@ -18,7 +19,19 @@ The forward pass of DESIGN 1.2, as numbered steps in :meth:`SpaSemSRPipeline.__c
    added attention, classifier-free guidance with the negative prompt, Gaussian-blended tile
    predictions,
    one scheduler step over the whole latent; a callback after every step (progress, cancellation);
-7. tiled VAE decode, crop to exactly ``scale x`` the input, colour fix (``none | adain | wavelet``).
+7. tiled VAE decode, crop to exactly ``scale x`` the input, colour fix (``none | adain | wavelet``),
+   streamed region by region into the output, allocated once in its final type (uint8 RGB, or
+   float for ``output_type="pt"``).
+
+**Shape buckets** (``performance.tile_buckets``, see :mod:`model.performance`): the tile side
+comes from a fixed set, a tile smaller than its bucket is reflect-padded up to it (its latent and
+its guidance) and its prediction cropped back before blending, so padded cells never carry blend
+weight; tiles go through the denoiser in batches of :attr:`PerformanceSettings.tile_counts`.
+
+**Memory**: beyond the model, a job holds its latents (1/64 of the output's pixels per channel),
+one conditioning per tile, the output itself and per-region working buffers; the full-resolution
+buffers left are those of :func:`model.tiling.tiled_vae_encode`'s input and inside
+:func:`model.tiling.tiled_vae_decode`.
 """
 
 from __future__ import annotations
@@ -49,7 +62,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, SamVisionModel
 from model.color import COLOR_FIX_MODES, apply_color_fix
 from model.controlnet import SpatialSemanticControlNet
 from model.encoders import ImageEncoder, visual_guidance
-from model.performance import PerformanceSettings, attention_context
+from model.performance import PerformanceSettings, attention_context, tile_bucket
 from model.prompt import Box, GroundedPrompt
 from model.text import DEFAULT_NEGATIVE_PROMPT, TextConditioner, default_prompt
 from model.tiling import (
@@ -76,6 +89,19 @@ SCHEDULERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
 }
 SCALES = (2, 4)
 
+OUTPUT_REGION = 512
+"""Side in output pixels of the regions the output is assembled in (colour fix, conversion)."""
+
+WAVELET_MARGIN = 32
+"""Context around a region for the wavelet colour fix: its five à-trous levels reach
+1 + 2 + 4 + 8 + 16 = 31 pixels, so a region with this margin is fixed as in the whole image."""
+
+BICUBIC_MARGIN = 2
+"""Low-resolution pixels around a region's window: bicubic taps reach 1 before and 2 after."""
+
+Shape = tuple[int, int, int]
+"""``(batch, latent height, latent width)`` of a denoiser forward."""
+
 
 @dataclass
 class SpaSemSRPipelineOutput(BaseOutput):
@@ -89,7 +115,9 @@ class SpaSemSRPipelineOutput(BaseOutput):
 
 @dataclass
 class _TileConditioning:
-    """What one tile sees at every step, computed once before the loop."""
+    """What one tile sees at every step, computed once before the loop: ``T_spa`` per CFG half,
+    the visual guidance once (both halves share it; padded to the tile's bucket), the blending
+    weights of its real extent."""
 
     tile: Tile
     spatial_text: torch.Tensor
@@ -100,11 +128,199 @@ class _TileConditioning:
 @dataclass
 class _BatchConditioning:
     """The conditioning of a batch of same-shape tiles, concatenated once before the loop:
-    per CFG half ``(T_deg, T_spa, f)``, and all halves joined for a single forward."""
+    per CFG half ``(T_deg, T_spa)``, all halves joined for a single forward, and the guidance
+    ``f`` of the tiles once (repeated per half only for the forward, so that the largest
+    per-tile tensor is held once)."""
 
-    tiles: list[_TileConditioning]
-    halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    tiles: list[Tile]
+    weights: list[torch.Tensor | None]
+    halves: list[tuple[torch.Tensor, torch.Tensor]]
+    joined: tuple[torch.Tensor, torch.Tensor]
+    guidance: torch.Tensor
+
+
+def reflect_pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``x`` padded at the bottom and right to ``height x width`` by mirroring its content.
+
+    ``reflect`` pads at most ``side - 1`` at once, so larger pads mirror again (a side of 1 is
+    replicated first); mirrored content keeps the statistics the network sees close to the
+    tile's own, unlike zeros.
+    """
+    if x.shape[-2] == 1 < height or x.shape[-1] == 1 < width:
+        grow_h, grow_w = int(x.shape[-2] < height), int(x.shape[-1] < width)
+        x = F.pad(x, (0, grow_w, 0, grow_h), mode="replicate")
+    while x.shape[-2] < height or x.shape[-1] < width:
+        rows, cols = x.shape[-2:]
+        pad_h, pad_w = min(height - rows, rows - 1), min(width - cols, cols - 1)
+        x = F.pad(x, (0, max(pad_w, 0), 0, max(pad_h, 0)), mode="reflect")
+    return x
+
+
+def padding_index(size: int, padded: int, *, reflect: bool) -> torch.Tensor:
+    """For each of ``padded`` positions, the position of ``[0, size)`` that padding copies there:
+    itself inside, mirrored (``F.pad``'s ``reflect``) or the last one (``replicate``) beyond."""
+    index = torch.arange(padded)
+    outside = index >= size
+    beyond = 2 * (size - 1) - index if reflect else torch.full_like(index, size - 1)
+    return torch.where(outside, beyond, index)
+
+
+def regions(height: int, width: int, side: int) -> list[Tile]:
+    """A partition of ``height x width`` into regions of at most ``side x side``, row by row."""
+    return [
+        Tile(top, left, min(side, height - top), min(side, width - left))
+        for top in range(0, height, side)
+        for left in range(0, width, side)
+    ]
+
+
+class _Upsampled:
+    """The LR image upsampled ``scale x`` (bicubic, clamped to ``[-1, 1]``) and padded to
+    ``height x width``, as regions computed when needed instead of one full-resolution tensor.
+
+    A region comes from its LR window plus :data:`BICUBIC_MARGIN` pixels, which gives exactly the
+    whole-image interpolation's values: the scales are powers of two, so source coordinates are
+    exact in floating point, and the taps that the whole image clamps at its border are clamped
+    at the same border. Padding (reflect, or replicate when the image is too small to reflect, as
+    ``F.pad`` does it) is an index map onto the real pixels.
+    """
+
+    def __init__(self, low_res: torch.Tensor, scale: int, height: int, width: int) -> None:
+        self.low_res = low_res
+        self.scale = scale
+        self.out_h, self.out_w = low_res.shape[-2] * scale, low_res.shape[-1] * scale
+        self.height, self.width = height, width
+        reflect = height - self.out_h < self.out_h and width - self.out_w < self.out_w
+        self.rows = padding_index(self.out_h, height, reflect=reflect)
+        self.cols = padding_index(self.out_w, width, reflect=reflect)
+
+    def region(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``(1, 3, h, w)`` float32: the padded upsampled image at ``rows x cols``."""
+        row_index, col_index = self.rows[rows], self.cols[cols]
+        top, bottom = int(row_index.min()), int(row_index.max()) + 1
+        left, right = int(col_index.min()), int(col_index.max()) + 1
+        block = self._interpolate(top, bottom, left, right)
+        device = block.device
+        if int(rows.stop) > self.out_h:
+            block = block.index_select(-2, (row_index - top).to(device))
+        if int(cols.stop) > self.out_w:
+            block = block.index_select(-1, (col_index - left).to(device))
+        return block
+
+    def _interpolate(self, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+        """Output pixels ``[top, bottom) x [left, right)`` of the unpadded upsampling."""
+        scale, margin = self.scale, BICUBIC_MARGIN
+        low_h, low_w = self.low_res.shape[-2:]
+        first_row, last_row = (
+            max(0, top // scale - margin),
+            min(low_h, -(-bottom // scale) + margin),
+        )
+        first_col, last_col = (
+            max(0, left // scale - margin),
+            min(low_w, -(-right // scale) + margin),
+        )
+        window = self.low_res[..., first_row:last_row, first_col:last_col]
+        size = ((last_row - first_row) * scale, (last_col - first_col) * scale)
+        upsampled = F.interpolate(window, size=size, mode="bicubic", align_corners=False)
+        row, col = top - first_row * scale, left - first_col * scale
+        block = upsampled[..., row : row + bottom - top, col : col + right - left]
+        return block.clamp(-1.0, 1.0)
+
+    def canvas(self, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+        """The whole padded image, allocated once and filled region by region (the VAE encoder's
+        input), cast through ``dtypes`` in turn."""
+        device = self.low_res.device
+        out = torch.empty(1, 3, self.height, self.width, dtype=dtypes[-1], device=device)
+        for part in regions(self.height, self.width, OUTPUT_REGION):
+            rows, cols = part.slices
+            block = self.region(rows, cols)
+            for dtype in dtypes:
+                block = block.to(dtype)
+            out[..., rows, cols] = block
+        return out
+
+
+class _ChannelMoments:
+    """Per-channel mean and standard deviation of an image seen region by region (float64 sums),
+    as :func:`model.color.adain_color_fix` computes them on a whole image (unbiased variance)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, block: torch.Tensor) -> None:
+        flat = block.double().flatten(2)
+        total, squares = flat.sum(2), flat.square().sum(2)
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.count += flat.shape[-1]
+
+    def mean_std(self, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.total is not None and self.squares is not None
+        mean = self.total / self.count
+        variance = (self.squares - self.count * mean.square()) / max(self.count - 1, 1)
+        std = (variance.clamp(min=0) + eps).sqrt()
+        return mean.float()[..., None, None], std.float()[..., None, None]
+
+
+class _Output:
+    """The pipeline's result, allocated once at its final size and type and written region by
+    region: a PIL RGB image (8 bits per channel), or a float ``(1, 3, H, W)`` tensor."""
+
+    def __init__(self, height: int, width: int, output_type: str) -> None:
+        self.tensor = torch.empty(1, 3, height, width) if output_type == "pt" else None
+        self.image = None if output_type == "pt" else Image.new("RGB", (width, height))
+
+    def write(self, top: int, left: int, pixels: torch.Tensor) -> None:
+        """``pixels``: ``(1, 3, h, w)`` in ``[0, 1]`` at ``(top, left)``."""
+        if self.tensor is not None:
+            height, width = pixels.shape[-2:]
+            self.tensor[..., top : top + height, left : left + width] = pixels.cpu()
+            return
+        assert self.image is not None
+        array = (pixels[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+        self.image.paste(Image.fromarray(array), (left, top))
+
+    def result(self) -> list[Image.Image] | torch.Tensor:
+        if self.tensor is not None:
+            return self.tensor
+        assert self.image is not None
+        return [self.image]
+
+
+def stream_output(
+    decoded: torch.Tensor, reference: _Upsampled, color_fix: str, output: _Output
+) -> None:
+    """Colour-fix ``decoded`` (cropped to the reference's unpadded size) against ``reference``
+    and write it to ``output`` region by region: what the whole-image colour fix gives, without
+    its full-resolution intermediates. The wavelet fix sees :data:`WAVELET_MARGIN` pixels around
+    each region; AdaIN's whole-image statistics come from a first pass over the regions."""
+    height, width = reference.out_h, reference.out_w
+    parts = regions(height, width, OUTPUT_REGION)
+    margin = WAVELET_MARGIN if color_fix == "wavelet" else 0
+    adain: tuple[torch.Tensor, ...] = ()
+    if color_fix == "adain":
+        image_moments, reference_moments = _ChannelMoments(), _ChannelMoments()
+        for part in parts:
+            rows, cols = part.slices
+            image_moments.add(decoded[..., rows, cols])
+            reference_moments.add(reference.region(rows, cols))
+        adain = (*image_moments.mean_std(), *reference_moments.mean_std())
+    for part in parts:
+        top, left = max(0, part.top - margin), max(0, part.left - margin)
+        bottom = min(height, part.top + part.height + margin)
+        right = min(width, part.left + part.width + margin)
+        image = decoded[..., top:bottom, left:right].float()
+        if adain:
+            image_mean, image_std, reference_mean, reference_std = adain
+            fixed = (image - image_mean) / image_std * reference_std + reference_mean
+        else:
+            window = reference.region(slice(top, bottom), slice(left, right))
+            fixed = apply_color_fix(image, window, color_fix)
+        row, col = part.top - top, part.left - left
+        fixed = fixed[..., row : row + part.height, col : col + part.width].clamp(-1.0, 1.0)
+        output.write(part.top, part.left, (fixed + 1.0) / 2.0)
 
 
 class SpaSemSRPipeline(DiffusionPipeline):
@@ -228,27 +444,83 @@ class SpaSemSRPipeline(DiffusionPipeline):
             tensor = image.float()[None] if image.ndim == 3 else image.float()
         return (tensor.to(self.device) * 2.0 - 1.0).clamp(-1.0, 1.0)
 
-    def _pad(self, image: torch.Tensor) -> torch.Tensor:
-        multiple = self.pixel_multiple
-        height, width = image.shape[-2:]
-        pad_h, pad_w = -height % multiple, -width % multiple
-        if not (pad_h or pad_w):
-            return image
-        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-        return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)
+    def _padded(self, side: int) -> int:
+        """``side`` rounded up to a multiple the VAE and the UNet can halve."""
+        return -(-side // self.pixel_multiple) * self.pixel_multiple
+
+    def tile_side(self, tile_size: int | None, height: int, width: int) -> int | None:
+        """The tile side in output pixels that a ``height x width`` output runs at.
+
+        Without shape buckets, ``tile_size`` itself (``None``: one tile of the whole image). With
+        them, the bucket ``tile_size`` maps onto (:func:`model.performance.tile_bucket`;
+        ``None``: the largest), or the smallest bucket that holds the whole padded image when
+        that is smaller (a small image is padded to less).
+        """
+        buckets = self.performance.tile_buckets
+        if not buckets:
+            return tile_size
+        side = tile_bucket(buckets, tile_size if tile_size is not None else buckets[-1])
+        longest = max(self._padded(height), self._padded(width))
+        holding = [bucket for bucket in buckets if longest <= bucket < side]
+        return holding[0] if holding else side
+
+    def _bucket(self, tile_size: int | None, height: int, width: int) -> int | None:
+        """The latent side every tile of a ``height x width`` latent is padded to (``None``:
+        no shape buckets, tiles run at their own shape)."""
+        if not self.performance.tile_buckets:
+            return None
+        factor = self.vae_scale_factor
+        side = self.tile_side(tile_size, height * factor, width * factor)
+        assert side is not None
+        return side // factor
 
     def _tiles(
         self, height: int, width: int, tile_size: int | None, tile_overlap: int | None
     ) -> list[Tile]:
-        """Latent tiles of a ``height x width`` latent; one tile when untiled or when the latent
-        fits one."""
-        if tile_size is None:
+        """Latent tiles of a ``height x width`` latent (:meth:`tile_side` in latent cells; one
+        tile when untiled or when the latent fits one; a tile is never larger than the latent)."""
+        factor = self.vae_scale_factor
+        side = self.tile_side(tile_size, height * factor, width * factor)
+        if side is None:
             return [Tile(0, 0, height, width)]
-        tile = max(self.latent_multiple, tile_size // self.pixel_multiple * self.latent_multiple)
-        overlap = (
-            tile_size // 4 if tile_overlap is None else tile_overlap
-        ) // self.vae_scale_factor
+        tile = max(self.latent_multiple, side // self.pixel_multiple * self.latent_multiple)
+        overlap = (side // 4 if tile_overlap is None else tile_overlap) // factor
         return tile_grid(height, width, tile, min(overlap, tile - 1), align=self.latent_multiple)
+
+    def served_shapes(self) -> list[Shape]:
+        """Every forward shape the denoiser runs with shape buckets: each bucket's latent side at
+        each of :attr:`PerformanceSettings.forward_batches` (none without buckets)."""
+        performance = self.performance
+        sides = [side // self.vae_scale_factor for side in performance.tile_buckets]
+        return [(batch, side, side) for side in sides for batch in performance.forward_batches]
+
+    @torch.no_grad()
+    def warm_up_shapes(self, *, repeats: int = 1) -> list[Shape]:
+        """Run the denoiser forward ``repeats`` times at every :meth:`served_shapes` shape, so
+        that compilation (and, from the second run, CUDA-graph capture) happens now and not on a
+        request. The inputs match the loop's in everything Dynamo guards on: shapes, dtypes,
+        device, contiguity, distinct tensors (aliasing), grad mode and the timestep's type."""
+        shapes = self.served_shapes()
+        dtype = self.unet.dtype
+        text_shape = self.text_conditioner.encode("").shape[1:]
+        channels = int(self.controlnet.config["conditioning_channels"])
+        latent_channels = int(self.unet.config["in_channels"])
+        timestep = torch.tensor(999)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        for batch, height, width in shapes:
+            for _ in range(repeats):
+                self._forward(
+                    zeros(batch, latent_channels, height, width),
+                    timestep,
+                    zeros(batch, *text_shape),
+                    zeros(batch, *text_shape),
+                    zeros(batch, channels, height, width),
+                    1.0,
+                )
+        return shapes
 
     def _tile_box(self, tile: Tile, out_h: int, out_w: int) -> Box:
         """A latent tile as a normalised box of the unpadded output (padding clipped away)."""
@@ -268,19 +540,27 @@ class SpaSemSRPipeline(DiffusionPipeline):
     def _prepare_batch(
         self, batch: list[_TileConditioning], text: torch.Tensor
     ) -> _BatchConditioning:
-        """Per-image work for a batch of tiles, done once: the loop only stacks latents."""
+        """Per-image work for a batch of tiles, done once: the loop only stacks latents.
+
+        Every tensor is contiguous (an expanded view has other strides, and compiled modules
+        guard on strides: it would compile once more)."""
         count = len(batch)
         halves = [slice(0, 1), slice(1, 2)] if text.shape[0] == 2 else [slice(0, 1)]
         inputs = [
             (
-                text[half].expand(count, *text.shape[1:]),
+                text[half].expand(count, *text.shape[1:]).contiguous(),
                 torch.cat([c.spatial_text[half] for c in batch]),
-                torch.cat([c.guidance[half] for c in batch]),
             )
             for half in halves
         ]
-        t_deg, t_spa, f = (torch.cat(parts) for parts in zip(*inputs, strict=True))
-        return _BatchConditioning(tiles=batch, halves=inputs, joined=(t_deg, t_spa, f))
+        t_deg, t_spa = (torch.cat(parts) for parts in zip(*inputs, strict=True))
+        return _BatchConditioning(
+            tiles=[c.tile for c in batch],
+            weights=[c.weights for c in batch],
+            halves=inputs,
+            joined=(t_deg, t_spa),
+            guidance=torch.cat([c.guidance for c in batch]),
+        )
 
     def _forward(
         self,
@@ -292,6 +572,9 @@ class SpaSemSRPipeline(DiffusionPipeline):
         conditioning_scale: float,
     ) -> torch.Tensor:
         """One ControlNet + UNet forward on a batch (every argument batch-aligned)."""
+        # One timestep type whatever the scheduler (a compiled module guards on dtypes); the
+        # time embedding computes in float32 anyway, so the values are unchanged.
+        timestep = timestep.to(device=self.device, dtype=torch.float32)
         if self.performance.cuda_graphs:
             # CUDA-graph trees replay per step; tell them a new step begins so that outputs of the
             # previous replay (already consumed) may be overwritten.
@@ -325,15 +608,22 @@ class SpaSemSRPipeline(DiffusionPipeline):
         ``performance.cfg_batched`` else as two."""
         x = torch.cat(latents)
         halves = len(prepared.halves)
+        f = prepared.guidance
         if self.performance.cfg_batched or halves == 1:
-            t_deg, t_spa, f = prepared.joined
-            noise = self._forward(x.repeat(halves, 1, 1, 1), timestep, t_deg, t_spa, f,
-                                  conditioning_scale)  # fmt: skip
+            t_deg, t_spa = prepared.joined
+            noise = self._forward(
+                x.repeat(halves, 1, 1, 1),
+                timestep,
+                t_deg,
+                t_spa,
+                f.repeat(halves, 1, 1, 1),
+                conditioning_scale,
+            )
             outputs = list(noise.chunk(halves))
         else:
             outputs = [
                 self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
-                for t_deg, t_spa, f in prepared.halves
+                for t_deg, t_spa in prepared.halves
             ]
         if halves == 2:
             uncond, cond = outputs
@@ -343,17 +633,58 @@ class SpaSemSRPipeline(DiffusionPipeline):
         return list(noise.split(latents[0].shape[0]))
 
     def _tile_batches(self, conditions: list[_TileConditioning]) -> list[list[_TileConditioning]]:
-        """Tiles of the same shape in batches of at most ``performance.tile_batch_size``."""
-        size = max(1, self.performance.tile_batch_size)
+        """Tiles of the same (padded) shape in batches of :attr:`PerformanceSettings.tile_counts`
+        tiles, largest first: at most ``tile_batch_size``, and only sizes from that fixed set."""
+        counts = sorted(self.performance.tile_counts, reverse=True)
         groups: dict[tuple[int, ...], list[_TileConditioning]] = {}
         for condition in conditions:
-            key = (condition.tile.height, condition.tile.width, *condition.spatial_text.shape)
+            key = (*condition.guidance.shape[-2:], *condition.spatial_text.shape)
             groups.setdefault(key, []).append(condition)
-        return [
-            group[start : start + size]
-            for group in groups.values()
-            for start in range(0, len(group), size)
-        ]
+        batches = []
+        for group in groups.values():
+            start = 0
+            while start < len(group):
+                size = next(count for count in counts if count <= len(group) - start)
+                batches.append(group[start : start + size])
+                start += size
+        return batches
+
+    def _tile_input(self, latents: torch.Tensor, tile: Tile, bucket: int | None) -> torch.Tensor:
+        """A tile's latent, padded to its bucket."""
+        crop = latents[..., tile.slices[0], tile.slices[1]]
+        return crop if bucket is None else reflect_pad_to(crop, bucket, bucket)
+
+    def _predict_noise(
+        self,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        batches: list[_BatchConditioning],
+        total_weight: torch.Tensor | None,
+        bucket: int | None,
+        guidance_scale: float,
+        conditioning_scale: float,
+    ) -> torch.Tensor:
+        """ε for the whole latent: every tile's prediction cropped back to its real extent (so
+        padding never carries blend weight), Gaussian-blended where tiles overlap; a single tile
+        (``total_weight`` ``None``) is the whole latent."""
+        noise_pred: torch.Tensor | None = None
+        if total_weight is not None:
+            noise_pred = torch.zeros(model_input.shape, dtype=torch.float32, device=self.device)
+        for batch in batches:
+            tile_inputs = [self._tile_input(model_input, tile, bucket) for tile in batch.tiles]
+            tile_preds = self._predict_noise_tiles(
+                tile_inputs, timestep, batch, guidance_scale, conditioning_scale
+            )
+            for tile, weights, tile_pred in zip(
+                batch.tiles, batch.weights, tile_preds, strict=True
+            ):
+                prediction = tile_pred[..., : tile.height, : tile.width].float()
+                if noise_pred is None:
+                    return prediction
+                assert weights is not None
+                noise_pred[..., tile.slices[0], tile.slices[1]] += prediction * weights
+        assert noise_pred is not None and total_weight is not None
+        return noise_pred / total_weight
 
     # -- the pipeline ------------------------------------------------------------------------------
 
@@ -405,17 +736,16 @@ class SpaSemSRPipeline(DiffusionPipeline):
         notify("encode", 0, 1)
         started = self._sync()
 
-        # 1. upsample the LR image (the colour-fix reference) and pad it for the VAE and the UNet
+        # 1. upsample the LR image (the colour-fix reference) and pad it for the VAE and the UNet,
+        #    by regions where they are needed
         low_res = self._to_tensor(image)
         out_h, out_w = low_res.shape[-2] * scale, low_res.shape[-1] * scale
-        reference = F.interpolate(low_res, size=(out_h, out_w), mode="bicubic", align_corners=False)
-        reference = reference.clamp(-1.0, 1.0)
-        upsampled = self._pad(reference).to(dtype)
-        latent_h, latent_w = (
-            upsampled.shape[-2] // self.vae_scale_factor,
-            upsampled.shape[-1] // self.vae_scale_factor,
-        )
+        upsampled = _Upsampled(low_res, scale, self._padded(out_h), self._padded(out_w))
+        latent_h = upsampled.height // self.vae_scale_factor
+        latent_w = upsampled.width // self.vae_scale_factor
         tiles = self._tiles(latent_h, latent_w, tile_size, tile_overlap)
+        bucket = self._bucket(tile_size, latent_h, latent_w)
+        side = self.tile_side(tile_size, upsampled.height, upsampled.width)
 
         # 2. text, once per image: T_deg, the negative prompt, and T_spa of each tile from the
         #    boxes that intersect it (tiles with the same tags share one text-encoder pass)
@@ -444,39 +774,45 @@ class SpaSemSRPipeline(DiffusionPipeline):
 
         # 4. start latent: the noised VAE latent of the upsampled LR (SeeSR's LR embedding start)
         mark = self._sync()
-        vae_tile = (
-            tile_size // self.vae_scale_factor if tile_size is not None else max(latent_h, latent_w)
-        )
-        lr_latents = tiled_vae_encode(
-            self.vae, upsampled.to(self.vae.dtype), tile=vae_tile, overlap=vae_tile // 8
-        )
+        # VAE tiles follow the served tile side: a bucket is never above the requested size, so
+        # the out-of-memory retry's halving still shrinks the VAE's working set too.
+        vae_tile = side // self.vae_scale_factor if side is not None else max(latent_h, latent_w)
+        # The one full-resolution buffer of this step, for as long as the encoder needs it.
+        canvas = upsampled.canvas((dtype, self.vae.dtype))
+        lr_latents = tiled_vae_encode(self.vae, canvas, tile=vae_tile, overlap=vae_tile // 8)
+        del canvas
         noise = randn_tensor(
             lr_latents.shape, generator=generator, device=self.device, dtype=torch.float32
         )
         latents = noise_scheduler.add_noise(lr_latents.float(), noise, timesteps[:1]).to(dtype)
         timings["vae_encode"] = self._sync() - mark
 
-        # 5. per-tile conditioning, once before the loop: visual guidance f of the tile's crop,
-        #    its T_spa, its Gaussian blending weights
+        # 5. per-tile conditioning, once before the loop: visual guidance f of the tile's crop
+        #    (padded to the bucket at latent resolution, so its real part is that of the crop),
+        #    its T_spa, its Gaussian blending weights over its real extent
         mark = self._sync()
         conditions = []
-        total_weight = torch.zeros(1, 1, latent_h, latent_w, device=self.device)
+        total_weight = None
+        if len(tiles) > 1:
+            total_weight = torch.zeros(1, 1, latent_h, latent_w, device=self.device)
         for tile, spatial in zip(tiles, spatial_texts, strict=True):
             rows, cols = tile.scaled(self.vae_scale_factor).slices
-            crop = upsampled[..., rows, cols]
+            crop = upsampled.region(rows, cols).to(dtype)
             guidance = visual_guidance(self.image_encoder, self.semantic_encoder, crop).to(dtype)
+            if bucket is not None:
+                guidance = reflect_pad_to(guidance, bucket, bucket)
             weights = None
-            if len(tiles) > 1:
+            if total_weight is not None:
                 weights = gaussian_weights(tile.height, tile.width).to(self.device)
                 total_weight[..., tile.slices[0], tile.slices[1]] += weights
             conditions.append(
                 _TileConditioning(
-                    tile=tile,
-                    spatial_text=spatial,
-                    guidance=torch.cat([guidance, guidance]) if do_cfg else guidance,
-                    weights=weights,
+                    tile=tile, spatial_text=spatial, guidance=guidance, weights=weights
                 )
             )
+        # Batched once; the per-tile tensors are dropped so that each is held once.
+        batches = [self._prepare_batch(batch, text) for batch in self._tile_batches(conditions)]
+        del conditions
         timings["guidance"] = self._sync() - mark
         timings["encode"] = self._sync() - started
         notify("encode", 1, 1)
@@ -484,27 +820,17 @@ class SpaSemSRPipeline(DiffusionPipeline):
         # 6. denoising: per tile ControlNet + UNet (tiles of one shape batched), Gaussian-blended
         #    ε, one step for all the latent
         mark = self._sync()
-        batches = [self._prepare_batch(batch, text) for batch in self._tile_batches(conditions)]
         for index, timestep in enumerate(timesteps):
             model_input = noise_scheduler.scale_model_input(latents, timestep)
-            if len(conditions) == 1:
-                noise_pred = self._predict_noise_tiles(
-                    [model_input], timestep, batches[0], guidance_scale, conditioning_scale
-                )[0].float()
-            else:
-                noise_pred = torch.zeros_like(latents, dtype=torch.float32)
-                for batch in batches:
-                    tile_inputs = [
-                        model_input[..., c.tile.slices[0], c.tile.slices[1]] for c in batch.tiles
-                    ]
-                    tile_preds = self._predict_noise_tiles(
-                        tile_inputs, timestep, batch, guidance_scale, conditioning_scale
-                    )
-                    for condition, tile_pred in zip(batch.tiles, tile_preds, strict=True):
-                        rows, cols = condition.tile.slices
-                        assert condition.weights is not None
-                        noise_pred[..., rows, cols] += tile_pred.float() * condition.weights
-                noise_pred = noise_pred / total_weight
+            noise_pred = self._predict_noise(
+                model_input,
+                timestep,
+                batches,
+                total_weight,
+                bucket,
+                guidance_scale,
+                conditioning_scale,
+            )
             latents = noise_scheduler.step(
                 noise_pred, timestep, latents.float(), **step_kwargs
             ).prev_sample
@@ -512,21 +838,19 @@ class SpaSemSRPipeline(DiffusionPipeline):
             notify("denoise", index + 1, len(timesteps))
         timings["denoise"] = self._sync() - mark
 
-        # 7. decode, crop to exactly scale x input, colour fix
+        # 7. decode, then crop to exactly scale x input, colour fix and convert region by region
+        #    into the output, allocated once
         notify("decode", 0, 1)
         mark = self._sync()
+        del batches, lr_latents, noise
         decoded = tiled_vae_decode(
             self.vae, latents.to(self.vae.dtype), tile=vae_tile, overlap=vae_tile // 8
         )
-        decoded = decoded[..., :out_h, :out_w].float()
-        decoded = apply_color_fix(decoded, reference, color_fix).clamp(-1.0, 1.0)
-        result = (decoded + 1.0) / 2.0
-        images: list[Image.Image] | torch.Tensor
-        if output_type == "pt":
-            images = result.cpu()
-        else:
-            array = (result[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-            images = [Image.fromarray(array)]
+        del latents
+        output = _Output(out_h, out_w, output_type)
+        stream_output(decoded, upsampled, color_fix, output)
+        del decoded
+        images = output.result()
         timings["decode"] = self._sync() - mark
         notify("decode", 1, 1)
         return SpaSemSRPipelineOutput(images=images, timings=timings, prompt=prompt)

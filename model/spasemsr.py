@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model.performance import PerformanceSettings, apply_performance
+from model.performance import (
+    PerformanceSettings,
+    WarmUpReport,
+    apply_performance,
+    compiled_graph_count,
+)
 from model.pipeline import SpaSemSRPipeline
 from model.prompt import GroundedPrompt, Grounder
 from model.text import DEFAULT_NEGATIVE_PROMPT, default_prompt
@@ -44,6 +49,8 @@ class SpaSemSRUpscaler:
     ) -> None:
         self.pipeline = pipeline
         self.grounder = grounder
+        self.warm_up_report: WarmUpReport | None = None
+        """What :meth:`warm_up` did (time, compiled shapes), once it has run."""
         trained = bool(pipeline.config.get("trained", False))
         configuration = str(pipeline.config.get("configuration", "custom"))
         dtype = str(pipeline.unet.dtype).removeprefix("torch.")
@@ -100,18 +107,39 @@ class SpaSemSRUpscaler:
         return self._card
 
     def warm_up(self) -> None:
-        """One small run through every stage (kernels, allocator, lazy initialisation); with
-        compiled modules also the shapes served most: a full tile (CFG batch), and a full batch of
-        tiles when tiles are batched, so that compilation and CUDA-graph capture happen here."""
-        started = time.perf_counter()
-        image = Image.new("RGB", (16, 16), (128, 128, 128))
-        self.upscale(image, UpscaleOptions(scale=2, steps=2, seed=0))
+        """Compile first, then one small run through every stage (kernels, allocator, lazy
+        initialisation). The worker calls this before it reports ready.
+
+        With shape buckets every served shape is compiled here (and captured as a CUDA graph:
+        three runs each, one to warm up, one to record, one to replay), so no request compiles.
+        Compiled without buckets, only the shapes served most: a full tile (CFG batch), and a
+        full batch of tiles when tiles are batched. The report is logged and kept as
+        :attr:`warm_up_report`.
+        """
+        started = self._now()
+        graphs = compiled_graph_count()
         performance = self.pipeline.performance
-        if performance.compile:
+        shapes: list[tuple[int, int, int]] = []
+        if performance.compile and performance.tile_buckets:
+            shapes = self.pipeline.warm_up_shapes(repeats=3 if performance.cuda_graphs else 1)
+        elif performance.compile:
             for side, scale in self.warm_up_sizes():
                 image = Image.new("RGB", (side, side), (128, 128, 128))
                 self.upscale(image, UpscaleOptions(scale=scale, steps=2, seed=0))
-        logger.info("SpaSemSR warmed up in %.2f s", time.perf_counter() - started)
+        compiled = self._now()
+        image = Image.new("RGB", (16, 16), (128, 128, 128))
+        self.upscale(image, UpscaleOptions(scale=2, steps=2, seed=0))
+        report = WarmUpReport(
+            seconds=self._now() - started,
+            compile_seconds=compiled - started,
+            shapes=tuple(shapes),
+            graphs=compiled_graph_count() - graphs,
+        )
+        self.warm_up_report = report
+        logger.info(
+            "SpaSemSR warmed up in %.2f s (compiling %.2f s: %d shapes, %d graphs)",
+            report.seconds, report.compile_seconds, len(report.shapes), report.graphs,
+        )  # fmt: skip
 
     def warm_up_sizes(self, tile_size: int = 512, scale: int = 4) -> list[tuple[int, int]]:
         """``(input side, scale)`` of the warm-up jobs that compile the served shapes: one full
