@@ -40,10 +40,10 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check core app worker cli client
+	$(BIN)/ruff format --check core app worker cli client model tests bench
 
 typecheck: install
-	$(BIN)/mypy core app worker cli client model
+	$(BIN)/mypy core app worker cli client model tests bench
 
 unit: install
 	$(BIN)/python -m pytest

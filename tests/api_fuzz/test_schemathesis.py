@@ -49,7 +49,8 @@ def fuzz_service(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Servic
         redis_server.url,
         tmp_path,
         workers=1,
-        SPASEMSR_WORKER__MODELS='["lanczos"]', SPASEMSR_MODEL__DEFAULT="lanczos",
+        SPASEMSR_WORKER__MODELS='["lanczos"]',
+        SPASEMSR_MODEL__DEFAULT="lanczos",
         SPASEMSR_API__RATE_LIMIT_PER_MINUTE="0",
     )
     try:

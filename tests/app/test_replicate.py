@@ -13,14 +13,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-import replicate
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from PIL import Image
+from replicate.client import Client as ReplicateClient
+from replicate.helpers import FileOutput
 from skimage import data as skdata
 
 from app.main import create_app
@@ -222,7 +224,8 @@ def tls_service(
 
 
 def _astronaut(path: Path) -> Path:
-    Image.fromarray(skdata.astronaut()).resize((64, 64), Image.Resampling.LANCZOS).save(path)
+    photo = np.asarray(skdata.astronaut())  # type: ignore[no-untyped-call]
+    Image.fromarray(photo).resize((64, 64), Image.Resampling.LANCZOS).save(path)
     return path
 
 
@@ -230,11 +233,11 @@ def test_official_client_runs_a_model(
     tls_service: tuple[ServiceProcesses, ssl.SSLContext], tmp_path: Path
 ) -> None:
     service, trust = tls_service
-    client = replicate.Client(api_token=KEY, base_url=service.url, verify=trust)
+    client = ReplicateClient(api_token=KEY, base_url=service.url, verify=trust)
     photo = _astronaut(tmp_path / "astronaut.png")
     with photo.open("rb") as handle:
         output = client.run("spasemsr/lanczos", input={"image": handle, "scale": 2})
-    assert isinstance(output, replicate.helpers.FileOutput)
+    assert isinstance(output, FileOutput)
     result = Image.open(io.BytesIO(output.read()))
     assert result.size == (128, 128)
 

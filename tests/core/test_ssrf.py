@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from core.addresses import refused_reason
-from core.webhooks import WebhookRefused, check_url, deliver, resolve
+from core.addresses import refused_reason, resolve
+from core.webhooks import WebhookRefused, check_url, deliver
 
 
 def _url(address: str) -> str:
