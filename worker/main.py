@@ -108,6 +108,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> None:
         ),
     )
     install_runtime(runtime)
+    # Announced warm before RQ's loop installs its own handlers: a stop signal in between must
+    # still be a graceful stop (the loop below then never starts), not the default kill.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: runtime.begin_shutdown())
     runtime.announce()
     heartbeat = Heartbeat(runtime)
     heartbeat.start()
@@ -147,7 +151,7 @@ def _take_jobs_until_stopped(
     a real fault: the process exits and its supervisor decides.
     """
     resumes: list[float] = []
-    while True:
+    while not runtime.stopping():
         worker = new_worker()
         try:
             # The scheduler re-enqueues delayed retries (webhook backoff); RQ elects one
@@ -231,6 +235,12 @@ class ServingWorker(SimpleWorker):
         # RQ's second-signal handler raises SystemExit mid-job; ours hands the job back first.
         signal.signal(signal.SIGINT, self._hand_back_now)
         signal.signal(signal.SIGTERM, self._hand_back_now)
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+        # A stop that came before RQ's handlers were in place: the loop stops at its first check.
+        if self.runtime.stopping():
+            self._stop_requested = True
 
     def _hand_back_now(self, signum: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown(immediately=True)

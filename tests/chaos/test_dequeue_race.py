@@ -14,13 +14,27 @@ import time
 from pathlib import Path
 
 import httpx
+from redis import Redis
 
 from core.embedded_redis import EmbeddedRedis
+from core.workers import WorkerRegistry
 from tests.chaos.test_faults import FAST_RECOVERY, _record, _submit, _wait_all
 from tests.chaos.test_faults import aof_redis as aof_redis  # the fixture: AOF on, own folder
 from tests.conftest import png_bytes, start_service
 
 CYCLES = int(os.environ.get("SPASEMSR_CHAOS_CYCLES", "6"))
+
+
+def _wait_warm(redis_url: str, pid: int, timeout: float = 120) -> None:
+    """Until the worker with ``pid`` itself is warm: /readyz may still count the entry of the
+    worker just stopped, and a SIGTERM to a worker still importing is not this test's fault."""
+    registry = WorkerRegistry(Redis.from_url(redis_url), prefix="spasemsr")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(w.pid == pid for w in registry.warm()):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"worker {pid} not warm after {timeout} s")
 
 
 def test_sigterm_in_the_dequeue_window_loses_nothing(
@@ -40,7 +54,8 @@ def test_sigterm_in_the_dequeue_window_loses_nothing(
                 worker.send_signal(signal.SIGTERM)
                 assert worker.wait(timeout=60) == 0
                 service.workers.remove(worker)
-                service.start_worker()
+                service.start_worker(wait_ready=False)
+                _wait_warm(aof_redis.url, service.workers[-1].pid)
             jobs = _wait_all(client, accepted, timeout=120)
         lost = [j["id"] for j in jobs if j["status"] != "succeeded"]
         twice = [i for i in accepted if int(str(_record(aof_redis.url, i)["attempts"])) != 1]
