@@ -18,11 +18,12 @@ COPY app ./app
 COPY cli ./cli
 # The CLI reads the training config (plain dataclasses) for train's options; model/ is a stub.
 COPY model/training_config.py ./model/training_config.py
+# The Python client is its own distribution (client/pyproject.toml); the CLI imports it.
 COPY client ./client
 # The API needs only the base dependencies: the model and worker packages are empty stubs so
 # that the package list of pyproject.toml resolves without their code or dependencies.
 RUN mkdir -p model worker && touch model/__init__.py worker/__init__.py \
-    && pip install -c constraints.txt . && rm -rf model worker build
+    && pip install -c constraints.txt ./client . && rm -rf model worker build client/build
 # The name resolves in this image's /etc/passwd; Kubernetes sets runAsUser: 10001 itself.
 # hadolint ignore=DL3066
 USER spasemsr
@@ -61,12 +62,13 @@ COPY model ./model
 COPY worker ./worker
 COPY app ./app
 COPY cli ./cli
+# Its own distribution, as in the API stage.
 COPY client ./client
 # The suite's pins, less its torch line (the CPU build): this image keeps the CUDA build of
 # the same release installed above. `gpu`: NVML for the worker's GPU metrics.
 RUN sed '/^torch==/d' constraints.txt > /tmp/constraints-image.txt \
-    && pip install -c /tmp/constraints-image.txt ".[model,gpu]" "torch==${TORCH_VERSION}" \
-    && rm -rf build /tmp/constraints-image.txt
+    && pip install -c /tmp/constraints-image.txt ./client ".[model,gpu]" "torch==${TORCH_VERSION}" \
+    && rm -rf build client/build /tmp/constraints-image.txt
 # As in the API stage: uid 10001, resolved here; Kubernetes sets runAsUser: 10001 itself.
 # hadolint ignore=DL3066
 USER spasemsr

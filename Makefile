@@ -14,10 +14,11 @@ CONSTRAINTS ?= constraints.txt
 SYSTEM_PACKAGES := chromium prometheus
 SYSTEM_BINARIES := /usr/bin/chromium /usr/bin/promtool
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# The client is its own distribution (client/pyproject.toml); the CLI imports it.
+$(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip>=24" "setuptools>=75" wheel
-	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[model,embedded,dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e ./client -e '.[model,embedded,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -43,7 +44,7 @@ lint: install
 	$(BIN)/ruff format --check core app worker cli client model tests bench
 
 typecheck: install
-	$(BIN)/mypy core app worker cli client model tests bench
+	$(BIN)/mypy core app worker cli client/spasemsr_client model tests bench
 
 unit: install
 	$(BIN)/python -m pytest

@@ -2,9 +2,10 @@
 problem+json body of every error, and how to authenticate.
 
 FastAPI derives most of it from the routes; this fills in what it cannot know: its name for the
-upload form is ``Body_create_job_v1_jobs_post``, error responses declared as problem+json carry
-no schema, and the API-key check is a dependency of our own rather than a FastAPI security
-class.
+upload form is ``Body_create_job_v1_jobs_post``, the JSON alternative of that upload is read by
+a route of its own (``app.routes.NotFormRoute``, left out of the document) whose schema is only
+referenced, error responses declared as problem+json carry no schema, and the API-key check is
+a dependency of our own rather than a FastAPI security class.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.schemas import JobCreateJson
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 SCHEMA_NAMES = {"Body_create_job_v1_jobs_post": "JobUpload"}
+REFERENCED_SCHEMAS: tuple[type[BaseModel], ...] = (JobCreateJson,)
+"""Request bodies declared in a route's ``openapi_extra``, which FastAPI does not collect."""
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
@@ -66,6 +72,11 @@ def complete(document: dict[str, Any]) -> dict[str, Any]:
     for old, new in SCHEMA_NAMES.items():
         if old in schemas:
             schemas[new] = {**schemas.pop(old), "title": new}
+    for model in REFERENCED_SCHEMAS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, definition)
+        schemas[model.__name__] = schema
     schemas["Problem"] = PROBLEM_SCHEMA
     schemas.pop("HTTPValidationError", None)  # validation errors are problems too
     schemas.pop("ValidationError", None)

@@ -2,31 +2,34 @@
 
 They are a second HTTP shape over the same engine: a prediction is a job (one record, one
 queue, the same limits, keys, idempotency and webhooks), created through
-``core.submission.Submission`` exactly as ``POST /v1/jobs`` creates one; only the request and
-answer are shaped as Replicate's. Status mapping: ``queued`` is Replicate's ``starting``, the
-other statuses have the same names.
+``app.routes.job_submission`` exactly as ``POST /v1/jobs`` creates one; only the request and
+answer are shaped as Replicate's (``core.predictions``). Webhooks follow Replicate's
+``webhook_events_filter`` (``start``, ``output``, ``logs``, ``completed``; all of them when it is
+absent), each delivery carrying the prediction object (``worker.webhooks``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from functools import partial
 from typing import Annotated, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from app.routes import (
     PROBLEM,
     base_url,
     cancel_as,
-    first_message,
-    form_parameters,
+    file_store,
+    job_fields,
+    job_submission,
+    referenced_image,
+    validated,
     visible_job,
 )
 from app.schemas import JobCreate
@@ -34,21 +37,19 @@ from app.security import Principal, PrincipalDep, RateLimitDep
 from app.services import Services, ServicesDep
 from app.waiting import requested_wait, wait_for_end
 from core.errors import InvalidParameters, JobAlreadyFinished, JobNotFound, UploadTooLarge
-from core.files import FileStore, StoredFile
-from core.inputs import InputContext, image_bytes
-from core.jobs import JobRecord, JobStatus
+from core.files import StoredFile
+from core.jobs import WEBHOOK_EVENTS, JobRecord, WebhookEvent
 from core.models import ModelName
 from core.owned import Cursor, OwnedJobs
-from core.submission import Submission
+from core.predictions import OWNER, prediction, version_id
 
 router = APIRouter(tags=["replicate"])
 
-OWNER = "spasemsr"
 PAGE_SIZE = 100
 # Fields of the job form that the route itself decides: the model from the path or version,
 # the webhook from the body's ``webhook``.
 _NOT_INPUTS = frozenset({"model", "webhook_url"})
-_STATUS = {JobStatus.QUEUED: "starting"}
+_INPUTS = frozenset(JobCreate.model_fields) - _NOT_INPUTS
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: PROBLEM for code in (401, 403, 404, 409, 413, 422, 429, 503)
 }
@@ -67,12 +68,7 @@ class PredictionCreate(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     webhook: str | None = Field(default=None, max_length=2048)
     webhook_completed: str | None = Field(default=None, max_length=2048)
-    webhook_events_filter: list[str] | None = None
-
-
-def version_id(model: ModelName) -> str:
-    """A stable, Replicate-shaped (64 hex) version id per served model."""
-    return hashlib.sha256(f"{OWNER}/{model.value}".encode()).hexdigest()
+    webhook_events_filter: list[WebhookEvent] | None = Field(default=None, max_length=16)
 
 
 def _model_named(owner: str, name: str) -> ModelName:
@@ -100,24 +96,6 @@ def _model_of_version(version: str | None) -> ModelName:
     raise ModelNotFound(f"No model version {version!r}.")
 
 
-def _own_hosts(request: Request, services: Services) -> frozenset[str]:
-    hosts = {request.url.netloc.lower()}
-    if services.settings.api.public_url:
-        hosts.add(urlsplit(services.settings.api.public_url).netloc.lower())
-    return frozenset(hosts)
-
-
-def _files(services: Services) -> FileStore:
-    settings = services.settings
-    return FileStore(
-        services.redis,
-        services.storage,
-        prefix=settings.redis.key_prefix,
-        ttl_seconds=settings.api.file_ttl_seconds,
-        max_bytes=settings.api.max_upload_bytes,
-    )
-
-
 def _owned(services: Services) -> OwnedJobs:
     settings = services.settings
     return OwnedJobs(
@@ -130,23 +108,20 @@ def _owned(services: Services) -> OwnedJobs:
 def _job_form(inputs: dict[str, Any], model: ModelName) -> JobCreate:
     """The prediction's ``input`` (less ``image``) as the job form, strictly: a misspelt
     parameter is an error, as on ``POST /v1/jobs``."""
-    unknown = sorted(set(inputs) - (set(JobCreate.model_fields) - _NOT_INPUTS))
-    if unknown:
-        raise InvalidParameters(f"Unknown input field(s): {', '.join(unknown)}.")
-    if isinstance(inputs.get("tags"), list):  # Replicate-style list; the form takes text
-        inputs = {**inputs, "tags": ",".join(str(tag) for tag in inputs["tags"])}
-    try:
-        return JobCreate.model_validate({**inputs, "model": model})
-    except ValidationError as exc:
-        raise InvalidParameters(f"input.{first_message(exc)}") from exc
+    fields = job_fields(inputs, allowed=_INPUTS, what="input field")
+    return validated(JobCreate, {**fields, "model": model}, where="input.")
 
 
-def _webhook(body: PredictionCreate) -> str | None:
-    """Only the end of a job is delivered: a filter without ``completed`` asks for nothing."""
-    url = body.webhook or body.webhook_completed
-    if url and body.webhook_events_filter is not None:
-        return url if "completed" in body.webhook_events_filter else None
-    return url
+def _webhook(body: PredictionCreate) -> tuple[str | None, tuple[WebhookEvent, ...]]:
+    """The webhook URL and the events it gets: the filter's, else all of them (Replicate's
+    default); the legacy ``webhook_completed`` gets the end only. No events: no webhook."""
+    if body.webhook:
+        wanted = body.webhook_events_filter
+        events = tuple(e for e in WEBHOOK_EVENTS if wanted is None or e in wanted)
+        return (body.webhook if events else None), events
+    if body.webhook_completed:
+        return body.webhook_completed, ("completed",)
+    return None, ()
 
 
 def _shown_input(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -157,58 +132,11 @@ def _shown_input(inputs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def _logs(record: JobRecord) -> str:
-    """Stage timings, then the current step as a progress bar Replicate's clients parse."""
-    lines = [f"{stage}: {seconds:.3f} s" for stage, seconds in record.timings.items()]
-    progress = record.progress
-    if progress.total > 0:
-        share = min(progress.step, progress.total) / progress.total
-        bar = "#" * round(share * 10) + " " * (10 - round(share * 10))
-        lines.append(f"{round(share * 100)}%|{bar}| {progress.step}/{progress.total} "
-                     f"[{progress.stage}]")  # fmt: skip
-    elif not record.status.is_terminal:
-        lines.append(progress.stage)
-    return "\n".join(lines)
-
-
-def _output(record: JobRecord, base: str, services: Services) -> str | None:
-    if record.status is not JobStatus.SUCCEEDED or record.output is None:
-        return None
-    if services.settings.api.result_delivery == "redirect":
-        # Replicate's clients do not follow redirects: hand them the presigned URL itself.
-        presigned = services.storage.presigned_url(record.output_key)
-        if presigned:
-            return presigned
-    return f"{base}/v1/jobs/{record.id}/result"
-
-
 def _prediction(
     record: JobRecord, note: dict[str, Any], base: str, services: Services
 ) -> dict[str, Any]:
-    model = record.model or ModelName.LANCZOS  # always filled in once a job is accepted
-    started, finished = record.started_at, record.finished_at
-    metrics: dict[str, Any] = {}
-    if started is not None and finished is not None:
-        metrics["predict_time"] = round((finished - started).total_seconds(), 6)
-    error = record.error
-    url = f"{base}/v1/predictions/{record.id}"
-    return {
-        "id": record.id,
-        "model": f"{OWNER}/{model.value}",
-        "version": note.get("version") or version_id(model),
-        "input": note.get("input") or record.parameters.model_dump(mode="json"),
-        "output": _output(record, base, services),
-        "error": f"{error.title}: {error.detail}" if error is not None else None,
-        "logs": _logs(record),
-        "status": _STATUS.get(record.status, record.status.value),
-        "data_removed": False,
-        "source": "api",
-        "created_at": record.created_at.isoformat(),
-        "started_at": started.isoformat() if started else None,
-        "completed_at": finished.isoformat() if finished else None,
-        "metrics": metrics,
-        "urls": {"get": url, "cancel": f"{url}/cancel"},
-    }
+    return prediction(record, note, base=base, storage=services.storage,
+                      settings=services.settings)  # fmt: skip
 
 
 async def _create(
@@ -224,25 +152,16 @@ async def _create(
     inputs = dict(body.input)
     image = inputs.pop("image", None)
     form = _job_form(inputs, model)
-    context = InputContext(
-        files=_files(services),
-        owner=principal.name,
-        admin=principal.admin,
-        own_hosts=_own_hosts(request, services),
-        max_bytes=services.settings.api.max_upload_bytes,
-        allow_networks=services.settings.webhooks.allow_networks,
-        timeout_seconds=services.settings.webhooks.timeout_seconds,
-    )
-    data = await run_in_threadpool(image_bytes, image, context)
-    submission = Submission(
-        data=data,
-        model=model,
-        parameters_for=partial(form_parameters, form),
-        priority=form.priority,
-        webhook_url=_webhook(body),
-        client=principal.name,
-        owner=principal.name if principal.authenticated else None,
+    data = await referenced_image(image, request, services, principal)
+    webhook_url, events = _webhook(body)
+    submission = job_submission(
+        form,
+        data,
+        principal,
         idempotency_key=idempotency_key,
+        webhook_url=webhook_url,
+        webhook_events=events,
+        api_url=base_url(request, services),
     )
     accepted = await run_in_threadpool(services.submissions.submit, submission)
     record = accepted.record
@@ -508,7 +427,7 @@ async def create_file(request: Request, services: ServicesDep, principal: Princi
         raise UploadTooLarge(f"The file is larger than the limit of {max_bytes} bytes.")
     stored = await run_in_threadpool(
         partial(
-            _files(services).create,
+            file_store(services).create,
             data,
             name=content.filename or "file",
             content_type=content.content_type or "application/octet-stream",
@@ -523,7 +442,7 @@ async def create_file(request: Request, services: ServicesDep, principal: Princi
 def get_file(
     file_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
-    stored = _files(services).get(file_id, owner=principal.name, admin=principal.admin)
+    stored = file_store(services).get(file_id, owner=principal.name, admin=principal.admin)
     return _json(_file_json(stored, base_url(request, services)))
 
 
@@ -534,6 +453,6 @@ def get_file(
     summary="Replicate: a file's bytes",
 )
 def download_file(file_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
-    files = _files(services)
+    files = file_store(services)
     stored = files.get(file_id, owner=principal.name, admin=principal.admin)
     return Response(files.read(stored), media_type=stored.content_type)

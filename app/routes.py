@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from functools import partial
-from typing import Annotated, Any
-from urllib.parse import urlencode
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlencode, urlsplit
 
 from fastapi import (
     APIRouter,
@@ -24,12 +25,18 @@ from fastapi import (
 )
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from app.errors import problem_response
 from app.schemas import (
     HealthPublic,
     JobCreate,
+    JobCreateJson,
     JobLinks,
     JobList,
     JobPublic,
@@ -40,6 +47,7 @@ from app.security import Principal, PrincipalDep, RateLimitDep, ensure_access
 from app.services import Services, ServicesDep
 from app.waiting import requested_wait, wait_for_end
 from core.errors import (
+    ClientError,
     DependencyUnavailable,
     InputMissing,
     InvalidParameters,
@@ -48,7 +56,9 @@ from core.errors import (
     ResultGone,
     StorageUnavailable,
 )
-from core.jobs import JobParameters, JobRecord, JobStatus, utcnow
+from core.files import FileStore
+from core.inputs import InputContext, image_bytes
+from core.jobs import JobParameters, JobRecord, JobStatus, WebhookEvent, utcnow
 from core.models import ModelName, default_model
 from core.owned import Cursor, OwnedJobs
 from core.recovery import expire_if_stale
@@ -59,6 +69,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+M = TypeVar("M", bound=BaseModel)
 
 
 def base_url(request: Request, services: ServicesDep) -> str:
@@ -123,13 +134,107 @@ def _view(record: JobRecord, position: int | None, base: str) -> JobPublic:
     )
 
 
+class MalformedJson(ClientError):
+    title = "Malformed JSON"
+
+
+FORM_MEDIA_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+JSON_MEDIA_TYPE = "application/json"
+
+
+def media_type(headers: Headers) -> str:
+    """The body's media type, without its parameters (``charset``, ``boundary``)."""
+    return headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+class NotFormRoute(APIRoute):
+    """``POST /v1/jobs`` with any body but a form.
+
+    The form route keeps FastAPI's multipart parsing (the ``image`` part, the ``JobCreate``
+    fields); this route, tried first, steps aside for form bodies and takes every other one:
+    JSON, and a 415 for the rest. The OpenAPI document shows the two as one operation with two
+    request content types (``openapi_extra`` of the form route).
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match is not Match.NONE and media_type(Headers(scope=scope)) in FORM_MEDIA_TYPES:
+            return Match.NONE, {}
+        return match, child_scope
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description="Repeat a request safely: the same key returns the same job.",
+    ),
+]
+PreferHeader = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description="`wait` or `wait=N`: answer when the job has ended (200), or after N "
+        "seconds at most (bounded by the service) with the job as it stands (202).",
+    ),
+]
+_JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: PROBLEM for code in (400, 401, 409, 413, 415, 422, 429, 503)
+}
+_JSON_BODY: dict[str, Any] = {
+    "requestBody": {
+        "content": {JSON_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/JobCreateJson"}}}
+    }
+}
+"""The JSON alternative, added to the form route's generated request body (the schema is
+added to the components by ``app.openapi``)."""
+
+
+async def create_job_from_json(
+    request: Request,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    response: Response,
+    base: BaseUrlDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+    prefer: PreferHeader = None,
+) -> JobPublic:
+    """The image by reference (``core.inputs``: a data: URI, one of our files, an external
+    URL fetched under the SSRF rules), the parameters as the form's, checked first."""
+    if media_type(request.headers) != JSON_MEDIA_TYPE:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "Send the job as multipart/form-data (an 'image' file part and form fields) or "
+            "as application/json.",
+        )
+    fields = job_fields(await _json_object(request), allowed=JSON_FIELDS, what="field")
+    form = validated(JobCreateJson, fields)
+    data = await referenced_image(form.image, request, services, principal)
+    submission = job_submission(form, data, principal, idempotency_key=idempotency_key)
+    return await _accept(submission, services, response, base, prefer)
+
+
+# Registered before the form route, so that it is tried first.
+router.add_api_route(
+    "/v1/jobs",
+    create_job_from_json,
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    dependencies=[RateLimitDep],
+    include_in_schema=False,  # documented with the form route: one operation
+    route_class_override=NotFormRoute,
+)
+
+
 @router.post(
     "/v1/jobs",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    responses={code: PROBLEM for code in (401, 409, 413, 415, 422, 429, 503)},
+    responses=_JOB_RESPONSES,
     dependencies=[RateLimitDep],
-    summary="Upload an image and queue an upscaling job",
+    openapi_extra=_JSON_BODY,
+    summary="Upload an image (or give it by URL, as JSON) and queue an upscaling job",
 )
 async def create_job(
     request: Request,
@@ -139,35 +244,24 @@ async def create_job(
     form: Annotated[JobCreate, Form()],
     response: Response,
     base: BaseUrlDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            max_length=255,
-            description="Repeat a request safely: the same key returns the same job.",
-        ),
-    ] = None,
-    prefer: Annotated[
-        str | None,
-        Header(
-            max_length=255,
-            description="`wait` or `wait=N`: answer when the job has ended (200), or after N "
-            "seconds at most (bounded by the service) with the job as it stands (202).",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+    prefer: PreferHeader = None,
 ) -> JobPublic:
     """Parse, then delegate: the submission service checks, admits, stores and queues the job
     in one worker thread, as all of it blocks (Redis, storage, decoding, webhook DNS)."""
     await _refuse_unknown_fields(request)
-    submission = Submission(
-        data=await _read_upload(image, services.settings.api.max_upload_bytes),
-        model=form.model,
-        parameters_for=partial(form_parameters, form),
-        priority=form.priority,
-        webhook_url=form.webhook_url,
-        client=principal.name,
-        owner=principal.name if principal.authenticated else None,
-        idempotency_key=idempotency_key,
-    )
+    data = await _read_upload(image, services.settings.api.max_upload_bytes)
+    submission = job_submission(form, data, principal, idempotency_key=idempotency_key)
+    return await _accept(submission, services, response, base, prefer)
+
+
+async def _accept(
+    submission: Submission,
+    services: Services,
+    response: Response,
+    base: str,
+    prefer: str | None,
+) -> JobPublic:
     accepted = await run_in_threadpool(services.submissions.submit, submission)
     response.headers["Location"] = f"{base}/v1/jobs/{accepted.record.id}"
     if accepted.replayed:
@@ -182,17 +276,114 @@ async def create_job(
     return await run_in_threadpool(_public, record, services, base)
 
 
+def job_submission(
+    form: JobCreate,
+    data: bytes,
+    principal: Principal,
+    *,
+    idempotency_key: str | None,
+    webhook_url: str | None = None,
+    webhook_events: tuple[WebhookEvent, ...] | None = None,
+    api_url: str | None = None,
+) -> Submission:
+    """One job as both HTTP shapes (``/v1/jobs``, Replicate's predictions) hand it to the
+    submission service; the webhook is the form's unless the caller gives its own."""
+    return Submission(
+        data=data,
+        model=form.model,
+        parameters_for=partial(form_parameters, form),
+        priority=form.priority,
+        webhook_url=webhook_url or form.webhook_url,
+        webhook_events=webhook_events,
+        api_url=api_url,
+        client=principal.name,
+        owner=principal.name if principal.authenticated else None,
+        idempotency_key=idempotency_key,
+    )
+
+
 FORM_FIELDS = frozenset(JobCreate.model_fields) | {"image"}
+JSON_FIELDS = frozenset(JobCreateJson.model_fields)
 
 
 async def _refuse_unknown_fields(request: Request) -> None:
     """A misspelt parameter must not be silently ignored (``stpes=50`` is an error)."""
     form = await request.form()  # already parsed by FastAPI: this reads its cache
-    unknown = sorted(set(form.keys()) - FORM_FIELDS)
-    if unknown:
-        raise InvalidParameters(f"Unknown form field(s): {', '.join(unknown)}.")
+    job_fields(form, allowed=FORM_FIELDS, what="form field")
     if len(form.getlist("image")) != 1:
         raise InvalidParameters("Send exactly one 'image' file part.")
+
+
+def job_fields(fields: Mapping[str, Any], *, allowed: Iterable[str], what: str) -> dict[str, Any]:
+    """The request's fields, every one of them known: a misspelt parameter is an error, never
+    ignored. A Replicate-style list of tags becomes the form's comma-separated text."""
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        raise InvalidParameters(f"Unknown {what}(s): {', '.join(unknown)}.")
+    found = dict(fields)
+    if isinstance(found.get("tags"), list):
+        found["tags"] = ",".join(str(tag) for tag in found["tags"])
+    return found
+
+
+def validated(schema: type[M], fields: Mapping[str, Any], where: str = "") -> M:
+    """``schema`` from the fields, or the first problem as ``InvalidParameters``."""
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidParameters(f"{where}{first_message(exc)}") from exc
+
+
+_JSON_ERRORS = (ValueError, RecursionError)
+"""``json.loads`` refuses bad syntax and encodings with ``ValueError``, and nesting deeper
+than the interpreter's stack with ``RecursionError``: both are the client's fault."""
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The body (capped by the upload middleware) as a JSON object."""
+    try:
+        body = json.loads(await request.body())
+    except _JSON_ERRORS as exc:
+        raise MalformedJson("The request body is not valid JSON.") from exc
+    if not isinstance(body, dict):
+        raise InvalidParameters('Send a JSON object: {"image": ..., "scale": ...}.')
+    return body
+
+
+def file_store(services: Services) -> FileStore:
+    settings = services.settings
+    return FileStore(
+        services.redis,
+        services.storage,
+        prefix=settings.redis.key_prefix,
+        ttl_seconds=settings.api.file_ttl_seconds,
+        max_bytes=settings.api.max_upload_bytes,
+    )
+
+
+def own_hosts(request: Request, services: Services) -> frozenset[str]:
+    """``host[:port]`` under which clients reach this service (its file URLs point there)."""
+    hosts = {request.url.netloc.lower()}
+    if services.settings.api.public_url:
+        hosts.add(urlsplit(services.settings.api.public_url).netloc.lower())
+    return frozenset(hosts)
+
+
+async def referenced_image(
+    value: object, request: Request, services: Services, principal: Principal
+) -> bytes:
+    """The bytes of an image given by reference; in the thread pool, as resolving it blocks
+    (Redis and storage for our own files, DNS and HTTP for an external URL)."""
+    context = InputContext(
+        files=file_store(services),
+        owner=principal.name,
+        admin=principal.admin,
+        own_hosts=own_hosts(request, services),
+        max_bytes=services.settings.api.max_upload_bytes,
+        allow_networks=services.settings.webhooks.allow_networks,
+        timeout_seconds=services.settings.webhooks.timeout_seconds,
+    )
+    return await run_in_threadpool(image_bytes, value, context)
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:
@@ -405,7 +596,7 @@ def cancel_as(job_id: str, services: Services, principal: Principal, base: str) 
             services.storage.delete(record.input_key)
         except StorageUnavailable:  # the job is canceled all the same; its input stays behind
             logger.warning("could not delete the input of canceled job %s", job_id)
-        if record.webhook_url:
+        if record.wants_webhook("completed"):
             services.queue.enqueue_webhook(
                 job_id, retry_intervals=services.settings.webhooks.retry_intervals_seconds
             )

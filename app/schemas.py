@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.jobs import (
     MAX_CAPTION_CHARS,
@@ -75,11 +75,31 @@ class JobCreate(BaseModel):
         tags = tuple(t for t in (self.tags or "").split(",") if t.strip())
         return JobParameters.model_validate(
             {
-                **self.model_dump(exclude={"priority", "tags", "webhook_url", "model"}),
+                **self.model_dump(exclude=set(_NOT_PARAMETERS)),
                 "model": model,
                 "tags": tags,
             }
         )
+
+
+class JobCreateJson(JobCreate):
+    """``POST /v1/jobs`` as ``application/json``: the form's fields, and the image by
+    reference instead of as a file part. Unknown fields are refused, as in the form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="PNG, JPEG or WebP: a /v1/files URL or id, a data: URI or an http(s) "
+            "URL (fetched under the upload byte cap; internal addresses are refused).",
+        ),
+    ]
+
+
+_NOT_PARAMETERS = frozenset({"priority", "tags", "webhook_url", "model", "image"})
+"""Request fields that are not job parameters (the job record keeps them elsewhere)."""
 
 
 class JobLinks(BaseModel):

@@ -11,10 +11,10 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from client import AsyncSpaSemSRClient, RetryPolicy
-from client._common import JobOptions
-from client.errors import ClientError
-from client.models import Job, JobStatus
+from spasemsr_client import AsyncSpaSemSRClient, RetryPolicy
+from spasemsr_client._common import JobOptions
+from spasemsr_client.errors import ClientError
+from spasemsr_client.models import Job, JobStatus
 
 
 @dataclass

@@ -20,10 +20,10 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from spasemsr_client.errors import ClientError
+from spasemsr_client.models import Job, JobStatus
 
 from cli.exit_codes import ExitCode
-from client.errors import ClientError
-from client.models import Job, JobStatus
 
 
 @dataclass

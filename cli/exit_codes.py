@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from client.errors import (
+from spasemsr_client.errors import (
     ClientError,
     JobCanceled,
     JobUnsuccessful,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,19 +14,19 @@ from typing import Any
 
 import typer
 from rich.console import Console
-
-from cli.display import Reporter, Tracked, describe, distinct_parts, job_warnings, model_text
-from cli.exit_codes import ExitCode, exit_code_for
-from client import RetryPolicy, SpaSemSRClient
-from client._common import JobOptions
-from client.errors import (
+from spasemsr_client import RetryPolicy, SpaSemSRClient
+from spasemsr_client._common import JobOptions
+from spasemsr_client.errors import (
     ClientError,
     JobUnsuccessful,
     ProblemError,
     ServiceUnreachable,
     WaitTimeout,
 )
-from client.models import Job, JobStatus, ModelDescription, ModelList
+from spasemsr_client.models import Job, JobStatus, ModelDescription, ModelList
+
+from cli.display import Reporter, Tracked, describe, distinct_parts, job_warnings, model_text
+from cli.exit_codes import ExitCode, exit_code_for
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 GLOB_CHARACTERS = frozenset("*?[")
@@ -153,6 +155,10 @@ def submit_all(
         reporter.update(item)
 
 
+FOLLOWED_AT_ONCE = 8
+"""Event streams open at once; the other jobs are followed as these end."""
+
+
 def follow(
     client: SpaSemSRClient,
     items: list[Tracked],
@@ -162,33 +168,73 @@ def follow(
     timeout: float | None,
     poll_interval: float,
 ) -> None:
-    """Poll every unfinished job until all end; download each result as it arrives (``saving``
-    ``None``: nothing is downloaded)."""
+    """Follow every unfinished job through its event stream until all end; download each
+    result as it arrives (``saving`` ``None``: nothing is downloaded).
+
+    One thread per stream (at most ``FOLLOWED_AT_ONCE``) feeds a queue; this thread alone
+    shows and saves, so the reporter is never drawn from two threads, and Ctrl-C reaches it
+    at once (the streams' threads are daemons: a user who leaves is not kept waiting)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    updates: queue.Queue[tuple[Tracked, Job | ClientError]] = queue.Queue()
+    slots = threading.BoundedSemaphore(FOLLOWED_AT_ONCE)
+    for item in items:
+        if not item.finished and item.job is not None:
+            streams = _Stream(client, item, updates, slots, deadline, timeout, poll_interval)
+            threading.Thread(target=streams.run, daemon=True).start()
     used: set[Path] = set()
-    while pending := [item for item in items if not item.finished]:
-        for item in pending:
-            _poll_once(client, item, reporter, saving=saving, used=used)
+    while any(not item.finished for item in items):
         if deadline is not None and time.monotonic() >= deadline:
             for item in items:
                 if not item.finished and item.job is not None:
                     _record_error(item, WaitTimeout(item.job.id, timeout or 0.0), reporter)
             return
-        if any(not item.finished for item in items):
-            time.sleep(poll_interval)
+        try:
+            item, update = updates.get(timeout=0.2)  # short: Ctrl-C and the deadline are seen
+        except queue.Empty:
+            continue
+        if isinstance(update, ClientError):
+            _record_error(item, update, reporter)
+        else:
+            _show(client, item, update, reporter, saving=saving, used=used)
 
 
-def _poll_once(
+@dataclass(frozen=True)
+class _Stream:
+    """Follows one job's events on its own thread, handing each state to ``updates``."""
+
+    client: SpaSemSRClient
+    item: Tracked
+    updates: queue.Queue[tuple[Tracked, Job | ClientError]]
+    slots: threading.BoundedSemaphore
+    deadline: float | None
+    timeout: float | None
+    poll_interval: float
+
+    def run(self) -> None:
+        assert self.item.job is not None
+        with self.slots:
+            left = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+            try:
+                for job in self.client.events(
+                    self.item.job.id, timeout=left, poll_interval=self.poll_interval
+                ):
+                    self.updates.put((self.item, job))
+            except WaitTimeout:
+                return  # the main thread records it, for every job at the same moment
+            except ClientError as error:
+                self.updates.put((self.item, error))
+
+
+def _show(
     client: SpaSemSRClient,
     item: Tracked,
+    job: Job,
     reporter: Reporter,
     *,
     saving: Saving | None,
     used: set[Path],
 ) -> None:
-    assert item.job is not None
     try:
-        job = client.get(item.job.id)
         if job.status is JobStatus.SUCCEEDED and saving is not None:
             target = saving.output or output_path_for(item, job, saving.out_dir, used)
             item.output = _save(client, job.id, target)

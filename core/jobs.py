@@ -65,8 +65,12 @@ TileSize = Annotated[
     Field(ge=256, le=1024, multiple_of=64, description="Diffusion tile side in output pixels."),
 ]
 
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+"""Replicate's webhook events: the job began, its output or logs changed (progress), it ended."""
+
 SCALES: tuple[int, ...] = get_args(ScaleFactor)
 """Magnifications of the v1 contract (``JobParameters.scale``)."""
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 COLOR_FIXES: tuple[str, ...] = get_args(ColorFix)
 SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 MAX_TAGS = 32
@@ -191,6 +195,13 @@ class JobRecord(BaseModel):
     webhook_url: str | None = None
     webhook: dict[str, Any] | None = None
     """Delivery state of the completion webhook: status, attempts, last error."""
+    webhook_events: list[WebhookEvent] | None = None
+    """A prediction's (Replicate's) webhook events: each one is delivered with the prediction
+    object. ``None``: a job of ``POST /v1/jobs``, whose webhook is its completion, with the
+    job object."""
+    api_url: str | None = None
+    """The API's base URL as the client reached it, for the absolute links of a prediction's
+    webhooks when ``api.public_url`` is not configured."""
     details: dict[str, Any] = {}
     model_trained: bool | None = None
     """Whether the model's weights are trained, as its workers announce it (``None``: unknown
@@ -199,6 +210,13 @@ class JobRecord(BaseModel):
     @property
     def model(self) -> ModelName | None:
         return self.parameters.model
+
+    def wants_webhook(self, *events: WebhookEvent) -> bool:
+        """Whether any of ``events`` is to be delivered to the job's webhook."""
+        if self.webhook_url is None:
+            return False
+        wanted = self.webhook_events if self.webhook_events is not None else ["completed"]
+        return any(event in wanted for event in events)
 
 
 def payload_for(record: JobRecord) -> JobPayload:

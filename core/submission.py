@@ -40,6 +40,7 @@ from core.jobs import (
     JobRecord,
     JobStatus,
     Priority,
+    WebhookEvent,
     input_key_for,
     new_job_id,
     output_key_for,
@@ -95,6 +96,10 @@ class Submission:
     owner: str | None
     """The API key that will own the job (``None`` without authentication)."""
     idempotency_key: str | None = None
+    webhook_events: tuple[WebhookEvent, ...] | None = None
+    """A prediction's webhook events (``JobRecord.webhook_events``); ``None``: a job's."""
+    api_url: str | None = None
+    """Where the client reached the API (``JobRecord.api_url``)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,10 @@ class SubmissionService:
             created_at=utcnow(),
             owner=submission.owner,
             webhook_url=submission.webhook_url,
+            webhook_events=(
+                None if submission.webhook_events is None else list(submission.webhook_events)
+            ),
+            api_url=submission.api_url,
             model_trained=trained,
         )
 

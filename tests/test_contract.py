@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, get_args, get_type_hints
 
-import client._common as client_common
-import client.models as client_models
+import spasemsr_client._common as client_common
+import spasemsr_client.models as client_models
+
 import core.jobs as contract
 from app.schemas import JobCreate
 from core.models import ModelName

@@ -30,6 +30,7 @@ from model.upscaler import UpscaleOptions
 from worker import devices, imaging
 from worker.metrics import current_metrics
 from worker.runtime import WorkerRuntime, current_runtime
+from worker.webhooks import PredictionEvents
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class JobRunner:
         # A payload from before models were named was queued for the default upscaler.
         self.model = job.parameters.model or next(iter(runtime.upscalers))
         self.timings: dict[str, float] = {}
+        self.events: PredictionEvents | None = None
+        """A prediction's intermediate webhooks, once the job has started."""
 
     def run(self) -> dict[str, Any]:
         runtime = self.runtime
@@ -110,9 +113,11 @@ class JobRunner:
         current_metrics().observe_queue_wait(
             record.priority.value, self.model, self.timings["queue_wait"]
         )
+        self.events = PredictionEvents(runtime, record)
         began = time.perf_counter()
         with runtime.busy():
             try:
+                self.events.started()
                 output = self._process_within_memory()
             except JobCanceled as canceled:  # its detail says at which stage
                 return self._finish(JobStatus.CANCELED, began, error=canceled)
@@ -278,6 +283,8 @@ class JobRunner:
             raise JobCanceled(f"Canceled during {stage}.")
         if self.runtime.shutdown_due():
             raise WorkerShuttingDown
+        if self.events is not None:
+            self.events.progressed()
 
     def _finish(
         self,
@@ -287,6 +294,8 @@ class JobRunner:
         output: ImageInfo | None = None,
         error: SpaSemSRError | None = None,
     ) -> dict[str, Any]:
+        if self.events is not None:
+            self.events.flush()  # queued before the completion, which comes after it
         self.timings["total"] = time.perf_counter() - began
         current_metrics().count_job(status, self.model)
         fields: dict[str, Any] = {
@@ -317,7 +326,7 @@ class JobRunner:
 
     def _announce_by_webhook(self) -> None:
         queue = self.runtime.queue
-        if queue is not None and self.runtime.jobs.get(self.job.job_id).webhook_url:
+        if queue is not None and self.runtime.jobs.get(self.job.job_id).wants_webhook("completed"):
             intervals = self.runtime.settings.webhooks.retry_intervals_seconds
             queue.enqueue_webhook(self.job.job_id, retry_intervals=intervals)
 

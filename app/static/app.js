@@ -2,18 +2,22 @@
 // Plain browser JavaScript: no build step, no dependencies, no request beyond this origin.
 "use strict";
 
-const POLL_MS = 400;
+const POLL_MS = 400; // only for a service without the events route
+const RECONNECT_MS = 1000; // after a broken event stream, before the next one
 const MODEL_RETRY_MS = 3000;
+const NAMES_KEY = "spasemsr-job-names"; // localStorage: job id -> the file's name
 const ZOOMS = [0.25, 0.5, 1, 2, 4, 8, 16];
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 const $ = (id) => document.getElementById(id);
 
 const state = {
+  entries: new Map(), // job id -> { item, job, file, resultUrl } of every job listed
   viewing: null, // the job shown in the comparison viewer
   zoom: 1,
   models: new Map(), // name -> what GET /v1/models says of each served model
   defaultModel: null, // the service's default model (it may have no warm worker yet)
+  restoring: Promise.resolve(), // the first listing of the caller's jobs (GET /v1/jobs)
 };
 
 // --- HTTP ---------------------------------------------------------------------------------
@@ -265,14 +269,33 @@ function describeJob(job) {
   return job.status;
 }
 
-function newJobItem(file) {
+function newJobItem(name, where = "append") {
   const item = $("job-template").content.firstElementChild.cloneNode(true);
-  item.querySelector(".job-name").textContent = file.name;
+  item.querySelector(".job-name").textContent = name;
   item.querySelector(".job-status").textContent = "uploading";
-  item.querySelector(".job-progress").setAttribute("aria-label", `Progress of ${file.name}`);
-  $("jobs").append(item);
+  item.querySelector(".job-progress").setAttribute("aria-label", `Progress of ${name}`);
+  $("jobs")[where](item);
   $("no-jobs").hidden = true;
   return item;
+}
+
+// The file names of the jobs, kept in this browser: the service does not store them, and a
+// job listed again after a reload should still say which file it was.
+function storedNames() {
+  try {
+    const names = JSON.parse(localStorage.getItem(NAMES_KEY) || "{}");
+    return names && typeof names === "object" ? names : {};
+  } catch (_) {
+    return {};
+  }
+}
+
+function rememberName(jobId, name) {
+  try {
+    localStorage.setItem(NAMES_KEY, JSON.stringify({ ...storedNames(), [jobId]: name }));
+  } catch (_) {
+    // storage full or refused: the job is listed by its id after a reload
+  }
 }
 
 function describeModel(job) {
@@ -327,7 +350,7 @@ function rejectItem(item, problem) {
 }
 
 async function submitOne(file, parameters) {
-  const item = newJobItem(file);
+  const item = newJobItem(file.name);
   const body = new FormData();
   body.append("image", file, file.name);
   for (const [name, value] of Object.entries(parameters)) {
@@ -340,11 +363,51 @@ async function submitOne(file, parameters) {
     rejectItem(item, error.problem || { title: String(error) });
     return;
   }
-  const entry = { item, job, file, resultUrl: null };
-  item.querySelector(".job-cancel").addEventListener("click", () => cancelJob(entry));
+  rememberName(job.id, file.name);
+  const entry = track(item, job, file);
   item.querySelector(".job-view").addEventListener("click", () => showComparison(entry));
+  follow(entry);
+}
+
+function track(item, job, file) {
+  const entry = { item, job, file, resultUrl: null };
+  state.entries.set(job.id, entry);
+  item.querySelector(".job-cancel").addEventListener("click", () => cancelJob(entry));
+  item.querySelector(".job-download").addEventListener("click", (e) => downloadResult(e, entry));
   renderJob(entry);
-  poll(entry);
+  return entry;
+}
+
+// The caller's jobs as the service lists them (GET /v1/jobs, its first page: the newest 50),
+// so that the list survives a reload. Jobs already on the page are left as they are. A job
+// listed again has no input file in this page: it can be downloaded, not compared.
+async function restoreJobs() {
+  let page;
+  try {
+    page = await (await api("/v1/jobs")).json();
+  } catch (_) {
+    return; // no list (e.g. a key is needed first): the page works without it
+  }
+  const names = storedNames();
+  for (const job of page.jobs) { // newest first: each goes above the older ones
+    if (state.entries.has(job.id)) continue;
+    const item = newJobItem(names[job.id] || `job ${job.id.slice(0, 8)}`, "prepend");
+    item.dataset.restored = "true";
+    const entry = track(item, job, null);
+    if (job.status === "succeeded") {
+      showResultLinks(entry);
+    } else {
+      follow(entry);
+    }
+  }
+  const listed = new Set(page.jobs.map((j) => j.id));
+  const kept = Object.fromEntries(Object.entries(names).filter(([id]) => listed.has(id) ||
+                                                                       state.entries.has(id)));
+  try {
+    localStorage.setItem(NAMES_KEY, JSON.stringify(kept)); // forget jobs the service forgot
+  } catch (_) {
+    // as in rememberName
+  }
 }
 
 async function submitFiles() {
@@ -360,25 +423,114 @@ async function submitFiles() {
     return;
   }
   const parameters = formParameters();
+  await state.restoring; // the listed jobs first, so that none is listed twice
   // One after another, so that the queue keeps the order the files were chosen in.
   for (const file of files) {
     await submitOne(file, parameters);
   }
 }
 
-async function poll(entry) {
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+const UNSUPPORTED = new Set([404, 405, 406]); // of the events route: poll instead
+
+// Follows a job until it ends through GET /v1/jobs/{id}/events (Server-Sent Events), read
+// with fetch() rather than EventSource, which cannot send the X-API-Key header. A stream that
+// breaks (network) or ends before the job does is replaced after one GET of the job.
+async function follow(entry) {
+  while (!TERMINAL.has(entry.job.status)) {
+    let outcome;
+    try {
+      outcome = await streamEvents(entry);
+    } catch (error) {
+      if (error.problem && error.problem.status >= 400 && error.problem.status < 500) {
+        showProblem(entry.item.querySelector(".job-error"), error.problem);
+        return; // refused (a key missing or wrong): retrying cannot help
+      }
+      outcome = "broken";
+    }
+    if (outcome === "unsupported") {
+      await pollUntilEnd(entry);
+      break;
+    }
+    if (TERMINAL.has(entry.job.status)) break;
+    await sleep(RECONNECT_MS);
+    if (!(await refresh(entry))) await sleep(RECONNECT_MS * 4);
+  }
+  if (entry.job.status === "succeeded") {
+    await fetchResult(entry);
+  }
+}
+
+// One event stream: each `job` event carries the job as GET /v1/jobs/{id} shows it.
+async function streamEvents(entry) {
+  let response;
+  try {
+    response = await fetch(`/v1/jobs/${entry.job.id}/events`, {
+      headers: { Accept: "text/event-stream", ...authHeaders() },
+      cache: "no-store",
+    });
+  } catch (_) {
+    return "broken";
+  }
+  if (UNSUPPORTED.has(response.status)) return "unsupported";
+  if (!response.ok) throw new ProblemError(await problemOf(response));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = "";
+  let data = [];
+  for (;;) {
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (_) {
+      return "broken";
+    }
+    if (chunk.done) return "ended";
+    buffer += chunk.value;
+    const lines = buffer.split("\n");
+    buffer = lines.pop(); // an unfinished line waits for the next chunk
+    for (const raw of lines) {
+      const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+      if (line === "") { // the end of an event
+        if (event === "job" && data.length) {
+          entry.job = JSON.parse(data.join("\n"));
+          renderJob(entry);
+        }
+        event = "";
+        data = [];
+      } else if (!line.startsWith(":")) { // ":" lines keep a quiet stream open
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event = value;
+        else if (field === "data") data.push(value);
+      }
+    }
+    if (TERMINAL.has(entry.job.status)) {
+      reader.cancel().catch(() => {});
+      return "ended";
+    }
+  }
+}
+
+// The job as it stands now; false (and the problem shown) when the service did not answer.
+async function refresh(entry) {
   try {
     entry.job = await (await api(`/v1/jobs/${entry.job.id}`)).json();
   } catch (error) {
     showProblem(entry.item.querySelector(".job-error"), error.problem || { title: String(error) });
-    setTimeout(() => poll(entry), POLL_MS * 5);
-    return;
+    return false;
   }
+  entry.item.querySelector(".job-error").hidden = !entry.job.error;
   renderJob(entry);
-  if (!TERMINAL.has(entry.job.status)) {
-    setTimeout(() => poll(entry), POLL_MS);
-  } else if (entry.job.status === "succeeded") {
-    await fetchResult(entry);
+  return true;
+}
+
+// Only for a service that has no event stream for jobs.
+async function pollUntilEnd(entry) {
+  while (!TERMINAL.has(entry.job.status)) {
+    const answered = await refresh(entry);
+    if (!TERMINAL.has(entry.job.status)) await sleep(answered ? POLL_MS : POLL_MS * 5);
   }
 }
 
@@ -392,12 +544,15 @@ async function cancelJob(entry) {
 }
 
 function resultName(entry) {
-  const stem = entry.file.name.replace(/\.[^.]+$/, "");
+  const name = entry.file ? entry.file.name : entry.item.querySelector(".job-name").textContent;
+  const stem = name.replace(/\.[^.]+$/, "").replace(/^job /, "");
   const format = entry.job.parameters.output_format;
   return `${stem}.x${entry.job.parameters.scale}.${format === "jpeg" ? "jpg" : format}`;
 }
 
-async function fetchResult(entry) {
+// The result as a blob URL (fetched with the page's API key); false when it could not be.
+async function loadResult(entry) {
+  if (entry.resultUrl) return true;
   try {
     const blob = await (await api(`/v1/jobs/${entry.job.id}/result`, {
       headers: { Accept: "image/*" },
@@ -405,16 +560,35 @@ async function fetchResult(entry) {
     entry.resultUrl = URL.createObjectURL(blob);
   } catch (error) {
     showProblem(entry.item.querySelector(".job-error"), error.problem || { title: String(error) });
-    return;
+    return false;
   }
   const link = entry.item.querySelector(".job-download");
   link.href = entry.resultUrl;
+  return true;
+}
+
+function showResultLinks(entry) {
+  const link = entry.item.querySelector(".job-download");
+  link.href = entry.resultUrl || `/v1/jobs/${entry.job.id}/result`;
   link.download = resultName(entry);
   link.hidden = false;
-  entry.item.querySelector(".job-view").hidden = false;
-  if (state.viewing === null) {
+  // Comparing needs the input file, which only the page that uploaded it has.
+  entry.item.querySelector(".job-view").hidden = entry.file === null;
+}
+
+async function fetchResult(entry) {
+  if (!(await loadResult(entry))) return;
+  showResultLinks(entry);
+  if (state.viewing === null && entry.file !== null) {
     showComparison(entry);
   }
+}
+
+// A job listed after a reload fetches its result only when it is asked for.
+async function downloadResult(event, entry) {
+  if (entry.resultUrl) return; // the link already points at the fetched image
+  event.preventDefault();
+  if (await loadResult(entry)) entry.item.querySelector(".job-download").click();
 }
 
 // --- the comparison viewer -------------------------------------------------------------------
@@ -558,5 +732,7 @@ document.addEventListener("DOMContentLoaded", () => {
     submitFiles();
   });
   $("model").addEventListener("change", showSelectedModel);
+  $("api-key").addEventListener("change", restoreJobs); // another key: its jobs too
   loadModels();
+  state.restoring = restoreJobs();
 });

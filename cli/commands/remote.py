@@ -12,6 +12,10 @@ from typing import Annotated, cast
 
 import typer
 from rich.console import Console
+from spasemsr_client import DEFAULT_URL
+from spasemsr_client._common import JobOptions
+from spasemsr_client.errors import ClientError
+from spasemsr_client.models import JobStatus
 
 from cli.app import SERVICE, UPSCALING, app, err, fail
 from cli.exit_codes import ExitCode
@@ -35,10 +39,6 @@ from cli.options import (
     check_parameters,
     job_options,
 )
-from client import DEFAULT_URL
-from client._common import JobOptions
-from client.errors import ClientError
-from client.models import JobStatus
 from core.jobs import (
     ImageFormat,
     Priority,
@@ -95,7 +95,11 @@ def submit(
     ] = None,
     webhook: Annotated[
         str | None,
-        typer.Option(help="URL the service POSTs each job to (HMAC-signed) when it ends."),
+        typer.Option(
+            metavar="URL",
+            help="URL the service POSTs each job to (HMAC-signed) when it ends; the API's "
+            "webhook_url field.",
+        ),
     ] = None,
     wait: Annotated[
         bool, typer.Option(help="Wait for the results (--no-wait prints job ids and returns).")
@@ -147,7 +151,7 @@ def submit(
         with make_reporter(err, bars=bars) as reporter:
             try:
                 remote.submit_all(client, items, options, reporter, model=_name(model))
-                if wait:
+                if wait:  # each job's event stream; polled only where a service has none
                     remote.follow(
                         client, items, reporter,
                         saving=remote.Saving(out_dir=out_dir, output=output) if download else None,

@@ -16,6 +16,7 @@ example database or schemathesis cache, and a fixed number of examples per opera
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,7 +124,13 @@ def map_body(context: HookContext, body: Any) -> Any:
     if "image" not in body or len(_uploads_seen) % 2:
         return body
     side = 4 + len(repr(body)) % 13
-    shaped = {**body, "image": png_bytes(side, side)}
+    image = png_bytes(side, side)
+    # The JSON body (its image plain text) names the image by reference: a data: URI. The
+    # form's file part (a schemathesis Binary) carries the bytes.
+    if type(body["image"]) is str:
+        shaped = {**body, "image": "data:image/png;base64," + base64.b64encode(image).decode()}
+    else:
+        shaped = {**body, "image": image}
     if shaped.get("scale") not in (2, 4):
         shaped["scale"] = 2
     shaped.pop("webhook_url", None)  # refused (422) while webhooks are not configured

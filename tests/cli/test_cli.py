@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from spasemsr_client import JobStatus, SpaSemSRClient
 from typer.testing import CliRunner
 
 from cli.main import app
-from client import JobStatus, SpaSemSRClient
 from tests.conftest import ROOT, ServiceProcesses, free_port, png_bytes
 
 

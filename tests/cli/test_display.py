@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from spasemsr_client.errors import JobCanceled
+
 from cli.display import describe, distinct_parts
 from cli.remote import error_text, job_lines
-from client.errors import JobCanceled
 from tests.cli.test_models import _job
 
 

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from PIL import Image
 from rich.console import Console
+from spasemsr_client.models import Job, ModelDescription, ModelList
 
 from cli.display import LineReporter, Tracked, job_warnings, model_text
 from cli.remote import job_lines, model_rows, model_warnings
-from client.models import Job, ModelDescription, ModelList
 from core.models import ModelName
 from core.settings import Settings
 from model.lanczos import LanczosUpscaler

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from spasemsr_client import AsyncSpaSemSRClient, JobStatus, Overloaded, RetryPolicy
+from spasemsr_client.errors import JobNotFound, UnsupportedImage
+from spasemsr_client.models import Job
 
-from client import AsyncSpaSemSRClient, JobStatus, Overloaded, RetryPolicy
-from client.errors import JobNotFound, UnsupportedImage
-from client.models import Job
 from tests.conftest import ServiceProcesses, png_bytes
 
 

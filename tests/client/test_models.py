@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-
-from client import (
+from spasemsr_client import (
     MODEL_NAMES,
     AsyncSpaSemSRClient,
     JobStatus,
@@ -20,9 +19,10 @@ from client import (
     ModelNotServed,
     SpaSemSRClient,
 )
-from client._common import form_fields
-from client.errors import InvalidParameters, error_from_response
-from client.models import Job
+from spasemsr_client._common import form_fields
+from spasemsr_client.errors import InvalidParameters, error_from_response
+from spasemsr_client.models import Job
+
 from core.models import ModelName
 from tests.conftest import ServiceProcesses, png_bytes
 

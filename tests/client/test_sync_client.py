@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-
-from client import (
+from spasemsr_client import (
     JobStatus,
     Overloaded,
     RetryPolicy,
@@ -23,8 +22,8 @@ from client import (
     SpaSemSRClient,
     WaitTimeout,
 )
-from client._common import parse_retry_after
-from client.errors import (
+from spasemsr_client._common import parse_retry_after
+from spasemsr_client.errors import (
     InvalidParameters,
     JobAlreadyFinished,
     JobCanceled,
@@ -32,7 +31,8 @@ from client.errors import (
     JobNotFound,
     UnsupportedImage,
 )
-from client.models import Job
+from spasemsr_client.models import Job
+
 from tests.conftest import ServiceProcesses, free_port, png_bytes
 
 

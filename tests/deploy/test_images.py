@@ -212,6 +212,29 @@ def replay_file_commands(command: str, workdir: PurePosixPath, image: Path) -> N
                 path.touch()
 
 
+# Where the replay puts what ``pip install ./folder`` installs, inside the image folder.
+INSTALLED = PurePosixPath("usr/local/lib/site-packages")
+
+
+def replay_local_installs(command: str, workdir: PurePosixPath, image: Path) -> None:
+    """What a ``pip install ./folder`` of a distribution in the image (the client,
+    ``client/pyproject.toml``) installs: the packages its ``packages.find`` includes, copied to
+    ``INSTALLED`` rather than left in the stage's folder, as pip puts them in site-packages."""
+    for argv in shell_commands(command):
+        if argv[:2] != ["pip", "install"]:
+            continue
+        for arg in argv[2:]:
+            folder = image / (workdir / arg).relative_to("/")
+            if not arg.startswith("./") or not (folder / "pyproject.toml").is_file():
+                continue
+            config = tomllib.loads((folder / "pyproject.toml").read_text())
+            include: list[str] = config["tool"]["setuptools"]["packages"]["find"]["include"]
+            for package in folder.iterdir():
+                wanted = any(fnmatch.fnmatch(package.name, pattern) for pattern in include)
+                if wanted and (package / "__init__.py").is_file():
+                    shutil.copytree(package, image / INSTALLED / package.name, dirs_exist_ok=True)
+
+
 def build_stage(stage: str, image: Path) -> Path:
     """Replays the stage into ``image``; returns the folder its entry points run in."""
     workdir = PurePosixPath("/")
@@ -224,6 +247,7 @@ def build_stage(stage: str, image: Path) -> Path:
             pytest.fail(f"line {ins.line}: ADD is not modelled here; use COPY")
         elif ins.keyword == "RUN" and not ins.args.startswith("["):
             replay_file_commands(ins.args, workdir, image)
+            replay_local_installs(ins.args, workdir, image)
     project = image / workdir.relative_to("/")
     project.mkdir(parents=True, exist_ok=True)
     return project
@@ -329,11 +353,11 @@ print(json.dumps(failures))
 """
 
 
-def import_in_isolation(project: Path, targets: list[Target]) -> list[str]:
+def import_in_isolation(project: Path, image: Path, targets: list[Target]) -> list[str]:
     payload = json.dumps(
         [
             str(project),
-            site.getsitepackages(),
+            [str(image / INSTALLED), *site.getsitepackages()],
             str(ROOT),
             str(Path(sys.prefix).resolve()),
             [[t.module, t.attribute, t.run_as_main] for t in targets],
@@ -358,7 +382,7 @@ def test_every_entry_point_imports_from_what_the_stage_copies(stage: str, tmp_pa
     targets = entry_points(stage)
     assert any(t.run_as_main for t in targets), f"{stage}: no `python -m` CMD found"
     assert any(t.attribute for t in targets), f"{stage}: the console scripts are not checked"
-    failures = import_in_isolation(project, targets)
+    failures = import_in_isolation(project, tmp_path / "image", targets)
     assert not failures, f"stage {stage}:\n" + "\n".join(failures)
 
 
@@ -392,10 +416,12 @@ def test_every_first_party_import_is_in_the_stage(stage: str, tmp_path: Path) ->
 
 
 def test_the_import_check_fails_when_a_copy_is_missing(tmp_path: Path) -> None:
-    """The check can fail: the worker stage without its ``COPY client`` cannot run the CLI."""
+    """The check can fail: the worker stage without the client package (its ``COPY client``
+    and ``pip install ./client``) cannot run the CLI."""
     project = build_stage("worker", tmp_path / "image")
     shutil.rmtree(project / "client", ignore_errors=True)
-    failures = import_in_isolation(project, [Target("cli.main", "app")])
+    shutil.rmtree(tmp_path / "image" / INSTALLED / "spasemsr_client", ignore_errors=True)
+    failures = import_in_isolation(project, tmp_path / "image", [Target("cli.main", "app")])
     assert failures and "client" in failures[0], failures
 
 

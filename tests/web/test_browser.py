@@ -90,20 +90,24 @@ def test_upload_watch_progress_compare_and_download(
     page.select_option("#scale", "2")
     page.fill("#seed", "7")
     page.click("#submit")
-    page.wait_for_selector(".job[data-status='succeeded'] >> nth=1")
+    # (jobs of earlier tests on this service are listed too: GET /v1/jobs on load)
+    for name in ("first.png", "second.png"):
+        expect(page.locator(".job", has_text=name)).to_have_attribute("data-status", "succeeded")
     page.wait_for_selector("#viewer:not([hidden])")
     # (string predicates would need 'unsafe-eval', which the page's CSP rightly refuses)
     expect(page.locator("#after-image")).to_have_js_property("complete", True)
     page.screenshot(path=str(artifacts / "02-jobs-done.png"), full_page=True)
 
-    for statuses in page.evaluate("window.__statuses").values():
+    recorded = page.evaluate("window.__statuses")
+    for statuses in (recorded["first.png"], recorded["second.png"]):
         assert statuses[0] == "uploading"
         assert any(s.startswith("queued") for s in statuses), statuses
         assert statuses[-1] == "succeeded"
-    assert page.locator(".job-progress").first.evaluate("bar => bar.value") == 1
+    ours = page.locator(".job:not([data-restored])")
+    assert ours.locator(".job-progress").first.evaluate("bar => bar.value") == 1
     # Each job names its model and whether it is trained; Lanczos brings no warnings.
-    assert page.locator(".job .job-model").all_inner_texts() == ["Model: lanczos (trained)"] * 2
-    assert page.locator(".job .job-warnings").first.is_hidden()
+    assert ours.locator(".job-model").all_inner_texts() == ["Model: lanczos (trained)"] * 2
+    assert ours.locator(".job-warnings").first.is_hidden()
     assert "lanczos (trained)" in page.inner_text("#viewer-caption")
     assert page.inner_text("#tag-after") == "After (lanczos)"
     assert "bicubic" in page.inner_text("#viewer-note").lower()
@@ -287,7 +291,7 @@ def test_the_page_fits_a_phone_screen_before_and_with_a_job(
         "#files", {"name": name, "mimeType": "image/png", "buffer": png_bytes(160, 100)}
     )
     page.click("#submit")
-    page.wait_for_selector(".job[data-status='succeeded']")
+    expect(page.locator(".job", has_text=name)).to_have_attribute("data-status", "succeeded")
     page.wait_for_selector("#viewer:not([hidden])")
     expect(page.locator("#after-image")).to_have_js_property("complete", True)
     assert page.locator("#compare").bounding_box()["width"] > PHONE["width"]
@@ -370,7 +374,8 @@ def test_queue_position_is_shown_until_a_worker_takes_the_jobs(
     expect(first).to_have_text("queued (next)")
     expect(second).to_have_text("queued (1 ahead)")
     # Waiting is shown as an indeterminate bar (no value), not as 0 % done.
-    assert page.locator(".job-progress").first.evaluate("b => b.hasAttribute('value')") is False
+    bar = page.locator(".job", has_text="q0.png").locator(".job-progress")
+    assert bar.evaluate("b => b.hasAttribute('value')") is False
     page.screenshot(path=str(artifacts / "06-queued.png"), full_page=True)
 
     service.start_worker()

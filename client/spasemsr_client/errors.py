@@ -30,12 +30,12 @@ import contextlib
 import json
 from typing import TYPE_CHECKING, Any
 
-from client.models import Problem
+from spasemsr_client.models import Problem
 
 if TYPE_CHECKING:
     import httpx
 
-    from client.models import Job
+    from spasemsr_client.models import Job
 
 
 class ClientError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,8 +14,8 @@ from typing import IO, TypedDict
 
 import httpx
 
-from client.errors import JobCanceled, JobFailed, error_from_response
-from client.models import (
+from spasemsr_client.errors import JobCanceled, JobFailed, WaitTimeout, error_from_response
+from spasemsr_client.models import (
     ColorFix,
     ImageFormat,
     Job,
@@ -31,6 +32,13 @@ ImageSource = str | os.PathLike[str] | bytes | IO[bytes]
 
 ProgressHandler = Callable[[Job], object]
 """Called with the job each time its status, queue position or progress changes."""
+
+EVENTS_UNSUPPORTED = frozenset({404, 405, 406})
+"""Answers of ``GET /v1/jobs/{id}/events`` after which the clients poll ``GET /v1/jobs/{id}``
+instead (a service without the route; 404 also means an unknown job, which the poll then
+reports as ``JobNotFound``)."""
+EVENTS_READ_SECONDS = 45.0
+"""The least read timeout of an event stream: a quiet stream carries a comment every 15 s."""
 
 
 class JobOptions(TypedDict, total=False):
@@ -160,3 +168,78 @@ def build_headers(api_key: str | None, extra: dict[str, str] | None) -> dict[str
         headers["Authorization"] = f"Bearer {api_key}"
     headers.update(extra or {})
     return headers
+
+
+# --- Server-Sent Events (GET /v1/jobs/{id}/events) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    event: str
+    data: str
+
+
+class EventParser:
+    """Events from the lines of a ``text/event-stream`` (WHATWG HTML, 9.2.6): ``event:`` and
+    ``data:`` fields, ``:`` comments (keep-alives), a blank line ends each event. ``id`` and
+    ``retry`` are ignored: the service sends neither."""
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> ServerSentEvent | None:
+        """The event that ``line`` completes, if any."""
+        if line == "":  # an event without data lines is dropped, as a browser drops it
+            event = ServerSentEvent(self._event or "message", "\n".join(self._data))
+            had_data = bool(self._data)
+            self._event, self._data = "", []
+            return event if had_data else None
+        if line.startswith(":"):
+            return None
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            self._event = value
+        elif field == "data":
+            self._data.append(value)
+        return None
+
+
+def job_of(event: ServerSentEvent | None) -> Job | None:
+    """The job a ``job`` event carries (the service sends no other kind today)."""
+    if event is None or event.event != "job":
+        return None
+    return Job.model_validate_json(event.data)
+
+
+class EventsUnsupported(Exception):
+    """The service has no event stream for jobs: follow the job by polling instead."""
+
+
+def open_events_check(response: httpx.Response) -> None:
+    """Raise for an event-stream answer that carries no events (its body already read)."""
+    if response.status_code in EVENTS_UNSUPPORTED:
+        raise EventsUnsupported(response.status_code)
+    raise_for_problem(response)
+
+
+EVENTS_HEADERS = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def check_deadline(job_id: str, deadline: float | None, timeout: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise WaitTimeout(job_id, timeout or 0.0)
+
+
+def stream_timeout(base: httpx.Timeout, deadline: float | None) -> httpx.Timeout:
+    """The client's timeouts, with a read timeout that outlasts the stream's keep-alives but
+    not the caller's deadline (a blocked read then ends when the wait should)."""
+    read = max(base.read or 0.0, EVENTS_READ_SECONDS)
+    if deadline is not None:
+        read = min(read, max(deadline - time.monotonic(), 0.05))
+    return httpx.Timeout(base.connect, read=read, write=base.write, pool=base.pool)

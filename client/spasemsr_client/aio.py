@@ -5,32 +5,41 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, Unpack
 
 import httpx
 
-from client._common import (
+from spasemsr_client._common import (
     DEFAULT_URL,
+    EVENTS_HEADERS,
+    EventParser,
+    EventsUnsupported,
     ImageSource,
     JobOptions,
     ProgressHandler,
     RetryPolicy,
     build_headers,
+    check_deadline,
     check_outcome,
+    deadline_after,
     decode_job,
     form_fields,
     image_part,
+    job_of,
     job_signature,
+    open_events_check,
     raise_for_problem,
     retry_after_of,
     should_retry,
+    stream_timeout,
     submit_headers,
 )
-from client.errors import ServiceUnreachable, WaitTimeout, error_from_response
-from client.models import Health, Job, ModelDescription, ModelList
+from spasemsr_client.errors import ServiceUnreachable, error_from_response
+from spasemsr_client.models import Health, Job, ModelDescription, ModelList
 
 logger = logging.getLogger(__name__)
 
@@ -124,21 +133,84 @@ class AsyncSpaSemSRClient:
         on_progress: ProgressHandler | None = None,
         raise_on_failure: bool = True,
     ) -> Job:
-        """Poll until the job ends (see ``SpaSemSRClient.wait``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Follow the job until it ends (see ``SpaSemSRClient.wait``)."""
         seen: tuple[object, ...] | None = None
+        job: Job | None = None
+        async with aclosing(
+            self.events(job_id, timeout=timeout, poll_interval=poll_interval)
+        ) as jobs:
+            async for job in jobs:
+                if on_progress is not None and job_signature(job) != seen:
+                    seen = job_signature(job)
+                    outcome = on_progress(job)
+                    if inspect.isawaitable(outcome):
+                        await outcome
+        assert job is not None and job.is_terminal  # events() ends only with the final state
+        return check_outcome(job) if raise_on_failure else job
+
+    async def events(
+        self, job_id: str, *, timeout: float | None = None, poll_interval: float = 0.25
+    ) -> AsyncGenerator[Job]:
+        """The job each time it changes, until it ends (see ``SpaSemSRClient.events``)."""
+        deadline = deadline_after(timeout)
+        last: Job | None = None
+        follow = self._streamed
+        while True:
+            try:
+                async with aclosing(follow(job_id, deadline, timeout, poll_interval)) as jobs:
+                    async for job in jobs:
+                        if job != last:
+                            last = job
+                            yield job
+                        if job.is_terminal:
+                            return
+            except EventsUnsupported:
+                logger.info("no event stream for jobs at %s: polling", self.base_url)
+                follow = self._polled
+                continue
+            except httpx.TransportError as exc:
+                logger.info("event stream of job %s broke (%s): reconnecting", job_id, exc)
+            check_deadline(job_id, deadline, timeout)
+            job = await self.get(job_id)  # where it stands while the stream was not there
+            if job != last:
+                last = job
+                yield job
+            if job.is_terminal:
+                return
+            await asyncio.sleep(poll_interval)
+
+    async def _streamed(
+        self, job_id: str, deadline: float | None, timeout: float | None, interval: float
+    ) -> AsyncGenerator[Job]:
+        """The jobs of one event stream, until the service ends it (``interval``: unused, the
+        service paces the stream)."""
+        async with self._http.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers=EVENTS_HEADERS,
+            timeout=stream_timeout(self._http.timeout, deadline),
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                open_events_check(response)
+            parser = EventParser()
+            async for line in response.aiter_lines():
+                job = job_of(parser.feed(line))
+                if job is not None:
+                    yield job
+                check_deadline(job_id, deadline, timeout)
+
+    async def _polled(
+        self, job_id: str, deadline: float | None, timeout: float | None, interval: float
+    ) -> AsyncGenerator[Job]:
+        """The job every ``interval`` seconds, until it ends."""
         while True:
             job = await self.get(job_id)
-            if on_progress is not None and job_signature(job) != seen:
-                seen = job_signature(job)
-                outcome = on_progress(job)
-                if inspect.isawaitable(outcome):
-                    await outcome
+            yield job
             if job.is_terminal:
-                return check_outcome(job) if raise_on_failure else job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(job_id, timeout or 0.0)
-            await asyncio.sleep(poll_interval)
+                return
+            check_deadline(job_id, deadline, timeout)
+            await asyncio.sleep(interval)
 
     async def result(self, job_id: str) -> bytes:
         """The result image's bytes (``JobNotFinished`` until the job succeeded)."""

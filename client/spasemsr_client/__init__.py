@@ -1,12 +1,20 @@
-"""Python client of SpaSemSR Serve (httpx only): ``SpaSemSRClient`` and ``AsyncSpaSemSRClient``.
+"""Python client of SpaSemSR Serve (httpx and pydantic only; the distribution
+``spasemsr-client``): ``SpaSemSRClient`` and ``AsyncSpaSemSRClient``.
 
-Typed results (``Job``, ``ModelList``, ``ModelDescription``), typed errors mapped from the service's
-problem+json answers (``client.errors``), retries of 429/503 honouring ``Retry-After``.
+Typed results (``Job``, ``ModelList``, ``ModelDescription``), typed errors mapped from the
+service's problem+json answers (``spasemsr_client.errors``), retries of 429/503 honouring
+``Retry-After``, live progress from each job's Server-Sent Events (``events``, ``wait``).
 """
 
-from client._common import DEFAULT_URL, ImageSource, JobOptions, ProgressHandler, RetryPolicy
-from client.aio import AsyncSpaSemSRClient
-from client.errors import (
+from spasemsr_client._common import (
+    DEFAULT_URL,
+    ImageSource,
+    JobOptions,
+    ProgressHandler,
+    RetryPolicy,
+)
+from spasemsr_client.aio import AsyncSpaSemSRClient
+from spasemsr_client.errors import (
     ClientError,
     JobCanceled,
     JobFailed,
@@ -19,7 +27,7 @@ from client.errors import (
     ServiceUnreachable,
     WaitTimeout,
 )
-from client.models import (
+from spasemsr_client.models import (
     MODEL_NAMES,
     Health,
     Job,
@@ -29,7 +37,7 @@ from client.models import (
     Problem,
     Progress,
 )
-from client.sync import SpaSemSRClient
+from spasemsr_client.sync import SpaSemSRClient
 
 __all__ = [
     "DEFAULT_URL",

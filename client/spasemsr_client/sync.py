@@ -4,31 +4,41 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, Unpack
 
 import httpx
 
-from client._common import (
+from spasemsr_client._common import (
     DEFAULT_URL,
+    EVENTS_HEADERS,
+    EventParser,
+    EventsUnsupported,
     ImageSource,
     JobOptions,
     ProgressHandler,
     RetryPolicy,
     build_headers,
+    check_deadline,
     check_outcome,
+    deadline_after,
     decode_job,
     form_fields,
     image_part,
+    job_of,
     job_signature,
+    open_events_check,
     raise_for_problem,
     retry_after_of,
     should_retry,
+    stream_timeout,
     submit_headers,
 )
-from client.errors import ServiceUnreachable, WaitTimeout, error_from_response
-from client.models import Health, Job, ModelDescription, ModelList
+from spasemsr_client.errors import ServiceUnreachable, error_from_response
+from spasemsr_client.models import Health, Job, ModelDescription, ModelList
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +52,7 @@ class SpaSemSRClient:
     ...     client.download(job.id, "photo-x4.png")
 
     ``timeout`` bounds each HTTP request (seconds); ``retry`` says how 429 and 503 answers are
-    retried (honouring ``Retry-After``). Every failure is a ``client.errors.ClientError``.
+    retried (honouring ``Retry-After``). Every failure is a ``spasemsr_client.errors.ClientError``.
     """
 
     def __init__(
@@ -125,23 +135,91 @@ class SpaSemSRClient:
         on_progress: ProgressHandler | None = None,
         raise_on_failure: bool = True,
     ) -> Job:
-        """Poll until the job ends; ``on_progress`` sees every change of status or progress.
+        """Follow the job until it ends; ``on_progress`` sees every change of status, queue
+        position, stage or step. The job's event stream carries the changes (see ``events``).
 
         Raises ``JobFailed`` / ``JobCanceled`` when it did not succeed (unless
         ``raise_on_failure`` is false) and ``WaitTimeout`` after ``timeout`` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[object, ...] | None = None
+        job: Job | None = None
+        with closing(self.events(job_id, timeout=timeout, poll_interval=poll_interval)) as jobs:
+            for job in jobs:
+                if on_progress is not None and job_signature(job) != seen:
+                    seen = job_signature(job)
+                    on_progress(job)
+        assert job is not None and job.is_terminal  # events() ends only with the final state
+        return check_outcome(job) if raise_on_failure else job
+
+    def events(
+        self, job_id: str, *, timeout: float | None = None, poll_interval: float = 0.25
+    ) -> Generator[Job]:
+        """The job each time it changes, as ``GET /v1/jobs/{id}/events`` streams it; the last
+        one is its final state (succeeded, failed or canceled: no error is raised for those).
+
+        A stream that breaks or ends early is replaced after one ``GET`` of the job (which
+        raises ``ServiceUnreachable`` if the service is gone); a service without the stream
+        is polled every ``poll_interval`` seconds. ``WaitTimeout`` after ``timeout`` seconds.
+        """
+        deadline = deadline_after(timeout)
+        last: Job | None = None
+        follow = self._streamed
+        while True:
+            try:
+                with closing(follow(job_id, deadline, timeout, poll_interval)) as jobs:
+                    for job in jobs:
+                        if job != last:
+                            last = job
+                            yield job
+                        if job.is_terminal:
+                            return
+            except EventsUnsupported:
+                logger.info("no event stream for jobs at %s: polling", self.base_url)
+                follow = self._polled
+                continue
+            except httpx.TransportError as exc:
+                logger.info("event stream of job %s broke (%s): reconnecting", job_id, exc)
+            check_deadline(job_id, deadline, timeout)
+            job = self.get(job_id)  # where it stands while the stream was not there
+            if job != last:
+                last = job
+                yield job
+            if job.is_terminal:
+                return
+            time.sleep(poll_interval)
+
+    def _streamed(
+        self, job_id: str, deadline: float | None, timeout: float | None, interval: float
+    ) -> Generator[Job]:
+        """The jobs of one event stream, until the service ends it (``interval``: unused, the
+        service paces the stream)."""
+        with self._http.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            headers=EVENTS_HEADERS,
+            timeout=stream_timeout(self._http.timeout, deadline),
+        ) as response:
+            if response.status_code != 200:
+                response.read()
+                open_events_check(response)
+            parser = EventParser()
+            for line in response.iter_lines():
+                job = job_of(parser.feed(line))
+                if job is not None:
+                    yield job
+                check_deadline(job_id, deadline, timeout)
+
+    def _polled(
+        self, job_id: str, deadline: float | None, timeout: float | None, interval: float
+    ) -> Generator[Job]:
+        """The job every ``interval`` seconds, until it ends."""
         while True:
             job = self.get(job_id)
-            if on_progress is not None and job_signature(job) != seen:
-                seen = job_signature(job)
-                on_progress(job)
+            yield job
             if job.is_terminal:
-                return check_outcome(job) if raise_on_failure else job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(job_id, timeout or 0.0)
-            time.sleep(poll_interval)
+                return
+            check_deadline(job_id, deadline, timeout)
+            time.sleep(interval)
 
     def result(self, job_id: str) -> bytes:
         """The result image's bytes (``JobNotFinished`` until the job succeeded)."""
