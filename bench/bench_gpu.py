@@ -373,7 +373,7 @@ def meta_stage_flops(config: str, cases: list[Case], *, steps: int) -> dict[str,
     (no weights, no arithmetic), each stage's own functions run on meta tensors. Grounding is left
     out (its preprocessing needs real pixels); CFG on, the default prompt (one tag set)."""
     from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
-    from model.encoders import visual_guidance
+    from model.pipeline import _Upsampled
     from model.tiling import tiled_vae_decode, tiled_vae_encode
 
     meta = torch.device("meta")
@@ -391,10 +391,12 @@ def meta_stage_flops(config: str, cases: list[Case], *, steps: int) -> dict[str,
             pipeline.text_encoder(ids)
             image = torch.empty(1, 3, out, out, device=meta)
             tiled_vae_encode(pipeline.vae, image, tile=vae_tile, overlap=vae_tile // 8)
-            for tile in tiles:
-                pixels = tile.scaled(pipeline.vae_scale_factor)
-                crop = torch.empty(1, 3, pixels.height, pixels.width, device=meta)
-                visual_guidance(pipeline.image_encoder, pipeline.semantic_encoder, crop)
+            # the visual guidance as the pipeline computes it: once per image (each tile's read
+            # of it is a crop and a bilinear sample, next to nothing)
+            low_res = torch.empty(1, 3, case.side, case.side, device=meta)
+            upsampled = _Upsampled(low_res, case.scale, out, out)
+            pipeline.image_latents(upsampled, tile=vae_tile)
+            pipeline.semantic_map(low_res, case.scale)
             encode = total()
             for tile in tiles:
                 latents = torch.empty(2, 4, tile.height, tile.width, device=meta)

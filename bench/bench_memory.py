@@ -13,8 +13,9 @@ the figure is peak minus baseline. On CPU the children run with glibc's ``mmap``
 at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): freed buffers then go back to the system at once, so the
 resident set follows what the job holds rather than what the allocator kept from an earlier phase
 (``--malloc default`` keeps glibc's adaptive threshold). ``VAE alone`` runs the same process
-with only the tiled VAE encode and decode of that size (``model.tiling``), the part of the job
-whose full-resolution buffers belong to the tiled VAE.
+with only the tiled VAE encode and decode of that size (``model.tiling``), as the job runs them:
+the encoder reads random pixels region by region (:class:`model.tiling.Regions`), the decoder
+hands its bands of rows to a consumer that drops them.
 
 Goal (issue 17): the 4096² job within 1.5x of the 1024² one.
 """
@@ -102,7 +103,7 @@ def child(side: int, *, tile: int, steps: int, device: str, vae_only: bool) -> d
     sys.path.insert(0, str(ROOT))
     from model.configs import build_tiny_pipeline
     from model.performance import PerformanceSettings, apply_performance
-    from model.tiling import tiled_vae_decode, tiled_vae_encode
+    from model.tiling import Regions, tiled_vae_decode_stream, tiled_vae_encode
 
     pipeline = build_tiny_pipeline(seed=0).to(device)
     settings = PerformanceSettings.optimised(device)
@@ -119,12 +120,17 @@ def child(side: int, *, tile: int, steps: int, device: str, vae_only: bool) -> d
         vae_tile = tile // factor
         memory.start()
         with torch.no_grad():
-            # In place: one full-resolution buffer, as the job's VAE input.
-            pixels = torch.empty(1, 3, side, side, device=device).uniform_(-1.0, 1.0)
+            # Made on demand, region by region, as the job's upsampled image.
+            pixels = Regions(
+                lambda rows, cols: torch.rand(
+                    1, 3, rows.stop - rows.start, cols.stop - cols.start, device=device
+                ).mul_(2.0).sub_(1.0),
+                side, side, torch.device(device),
+            )  # fmt: skip
             latents = tiled_vae_encode(vae, pixels, tile=vae_tile, overlap=vae_tile // 8)
-            del pixels
-            decoded = tiled_vae_decode(vae, latents, tile=vae_tile, overlap=vae_tile // 8)
-            del decoded
+            tiled_vae_decode_stream(
+                vae, latents, lambda top, rows: None, tile=vae_tile, overlap=vae_tile // 8
+            )
         tiles = 0
     else:
         memory.start()

@@ -18,6 +18,13 @@ read off the raw LR, where the degradations live at their own scale.
   [I] is transformers' ``SamVisionModel``, initialised from SAM; its ``(C_sam, 64, 64)``
   embedding of a 1024-px SAM input is resized to the latent grid.
 
+**Once per image** at inference [I]: SAM's cost does not depend on its input's size (it resizes
+to 1024 px), so one SAM pass over the whole image replaces one per tile (25 passes for a 2048²
+output at 512-px tiles); each tile reads its features off that map (:class:`SemanticMap`) at its
+latent cells. A tile then sees SAM's reading of the whole scene at the image's scale rather than
+of its own crop blown up to 1024 px: the context a tile lacks is what SAM's segment-level
+features are for, and a training patch (one tile) is encoded exactly as a one-tile image.
+
 ``f = concat(ImageEncoder(LR), SemanticEncoder(LR))`` enters the ControlNet through a
 zero-initialised convolution (:class:`GuidanceFusion`) added to its first block's features
 [F]/[I].
@@ -26,6 +33,7 @@ zero-initialised convolution (:class:`GuidanceFusion`) added to its first block'
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -141,17 +149,52 @@ def semantic_features(
 ) -> torch.Tensor:
     """The semantic encoder's embedding of ``images`` (``[-1, 1]``), cropped to the unpadded region
     and resized to the latent grid ``size``: ``(B, output_channels, *size)``."""
+    features = encode_semantic_map(semantic_encoder, images).features
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class SemanticMap:
+    """The semantic encoder's embedding of one whole image, read at any points of the image.
+
+    ``features`` are the embedding cells that cover the image (SAM pads its input at the bottom
+    and right); ``extent`` is the image's height and width in cells (fractional: the last cell
+    may be partly padding).
+    """
+
+    features: torch.Tensor
+    extent: tuple[float, float]
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(1, C, len(rows), len(cols))``: bilinear features at the points whose positions are
+        ``rows`` and ``cols`` as fractions of the image's height and width, clamped at the
+        border. At the cell centres of a ``H x W`` grid over the image (``(i + 0.5) / H``) this is
+        :func:`semantic_features`'s resize, for a grid whose cells cover the image exactly."""
+        cells_h, cells_w = self.features.shape[-2:]
+        # grid_sample's coordinates with align_corners=False: -1 and 1 are the outer edges of
+        # the first and last cell, so a position p in cells is 2 p / cells - 1
+        y = 2.0 * rows.double() * self.extent[0] / cells_h - 1.0
+        x = 2.0 * cols.double() * self.extent[1] / cells_w - 1.0
+        grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+        grid = torch.stack([grid_x, grid_y], dim=-1)[None].to(self.features)
+        return F.grid_sample(
+            self.features, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
+
+
+def encode_semantic_map(semantic_encoder: SamVisionModel, image: torch.Tensor) -> SemanticMap:
+    """The semantic encoder's embedding of ``image`` (``(B, 3, h, w)`` in ``[-1, 1]``, any size:
+    SAM's preprocessing resizes it), for reading at any points (:meth:`SemanticMap.at` takes one
+    image)."""
     configured = semantic_encoder.config.image_size
     image_size = configured if isinstance(configured, int) else int(configured[0])
-    pixel_values, (valid_h, valid_w) = sam_pixel_values(
-        images.to(semantic_encoder.dtype), image_size
-    )
+    pixels = image.to(semantic_encoder.dtype)
+    pixel_values, (valid_h, valid_w) = sam_pixel_values(pixels, image_size)
     embedding = semantic_encoder(pixel_values=pixel_values).last_hidden_state
     grid = embedding.shape[-1]
-    rows = max(1, math.ceil(valid_h * grid / image_size))
-    cols = max(1, math.ceil(valid_w * grid / image_size))
-    embedding = embedding[..., :rows, :cols]
-    return F.interpolate(embedding, size=size, mode="bilinear", align_corners=False)
+    extent = (valid_h * grid / image_size, valid_w * grid / image_size)
+    rows, cols = (max(1, math.ceil(cells)) for cells in extent)
+    return SemanticMap(features=embedding[..., :rows, :cols], extent=extent)
 
 
 def visual_guidance(

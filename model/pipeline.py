@@ -6,19 +6,21 @@ The forward pass of DESIGN 1.2, as numbered steps in :meth:`SpaSemSRPipeline.__c
 
 1. bicubic upsampling of the LR image to ``scale x`` its size (the colour-fix reference), padded to
    a multiple the VAE and UNet can halve, computed region by region where it is needed (never held
-   at full resolution beyond the VAE encoder's input);
+   at full resolution: the tiled VAE encoder reads it tile by tile);
 2. text, once per image: ``T_deg`` (degradation-aware caption) and the negative prompt through the
-   frozen
-   text encoder; ``T_spa`` (tags + aligned box add) once per tile, from the boxes that intersect it;
+   frozen text encoder; ``T_spa`` (tags + aligned box add) once per tile, from the boxes that
+   intersect it, and the tile's plain tag prompt, the text of the UNet's own cross-attention
+   (``unet_prompt``, see :class:`SpaSemSRPipeline`);
 3. scheduler by name (DDPM, DDIM, DPM-Solver++, UniPC) and its timesteps;
 4. the start latent: the VAE latent of the upsampled LR noised to the first timestep (SeeSR's LR
    embedding start [I]); one noise tensor for the whole latent, shared by all tiles;
-5. visual guidance, once per tile: ``concat(ImageEncoder, SemanticEncoder)`` of the tile's crop;
+5. visual guidance, once per image (:mod:`model.encoders`): the image encoder's latent of the
+   whole image (tiled as the VAE encoder is) and the semantic encoder's map of it; each tile's
+   ``f = concat(ImageEncoder, SemanticEncoder)`` is read off them at its latent cells;
 6. denoising ("Multi Denoise", Fig. 2d): per tile, the Spatial-Semantic ControlNet then the UNet
-   with its
-   added attention, classifier-free guidance with the negative prompt, Gaussian-blended tile
-   predictions,
-   one scheduler step over the whole latent; a callback after every step (progress, cancellation);
+   with its added attention, classifier-free guidance with the negative prompt, Gaussian-blended
+   tile predictions, one scheduler step over the whole latent; a callback after every step
+   (progress, cancellation);
 7. tiled VAE decode, crop to exactly ``scale x`` the input, colour fix (``none | adain | wavelet``),
    streamed region by region into the output, allocated once in its final type (uint8 RGB, or
    float for ``output_type="pt"``).
@@ -29,9 +31,12 @@ its guidance) and its prediction cropped back before blending, so padded cells n
 weight; tiles go through the denoiser in batches of :attr:`PerformanceSettings.tile_counts`.
 
 **Memory**: beyond the model, a job holds its latents (1/64 of the output's pixels per channel),
-one conditioning per tile, the output itself and per-region working buffers; the full-resolution
-buffers left are those of :func:`model.tiling.tiled_vae_encode`'s input and inside
-:func:`model.tiling.tiled_vae_decode`.
+the per-image encodings (the image latent, the semantic map, the distinct tile texts; a batch's
+inputs are read off them at each step, so there is no copy per tile), the blending weights, the
+output itself and per-region working buffers: the tiled VAE reads
+its input by regions and hands its decoded rows to the colour fix band by band
+(:func:`model.tiling.tiled_vae_decode_stream`), so its full-width buffers are a row of tiles high
+(the AdaIN colour fix alone holds the decoded image, for its whole-image moments).
 """
 
 from __future__ import annotations
@@ -61,16 +66,18 @@ from transformers import CLIPTextModel, CLIPTokenizer, SamVisionModel
 
 from model.color import COLOR_FIX_MODES, apply_color_fix
 from model.controlnet import SpatialSemanticControlNet
-from model.encoders import ImageEncoder, visual_guidance
+from model.encoders import ImageEncoder, SemanticMap, encode_semantic_map
 from model.performance import PerformanceSettings, attention_context, tile_bucket
 from model.prompt import Box, GroundedPrompt
 from model.text import DEFAULT_NEGATIVE_PROMPT, TextConditioner, default_prompt
 from model.tiling import (
+    Regions,
     Tile,
     boxes_for_tile,
     gaussian_weights,
     tile_grid,
-    tiled_vae_decode,
+    tiled_encode,
+    tiled_vae_decode_stream,
     tiled_vae_encode,
 )
 from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
@@ -88,6 +95,8 @@ SCHEDULERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "unipc": (UniPCMultistepScheduler, {}),
 }
 SCALES = (2, 4)
+UNET_PROMPTS = ("tags", "caption")
+"""What the frozen UNet's cross-attention reads: the tile's tags, or ``T_deg`` (see the class)."""
 
 OUTPUT_REGION = 512
 """Side in output pixels of the regions the output is assembled in (colour fix, conversion)."""
@@ -114,28 +123,50 @@ class SpaSemSRPipelineOutput(BaseOutput):
 
 
 @dataclass
+class _ImageConditioning:
+    """What every tile's conditioning is read from, computed once per image: ``T_deg`` per CFG
+    half, the distinct tile texts (``T_spa``, UNet text; each per CFG half), the image encoder's
+    latent of the whole image and the semantic encoder's map. A batch's inputs are read off them
+    at each step (a crop, a bilinear read, concatenations: little next to one forward), so a job
+    holds these per-image encodings, not one conditioning per tile."""
+
+    text: torch.Tensor
+    tile_texts: list[tuple[torch.Tensor, torch.Tensor]]
+    image_latents: torch.Tensor
+    semantic_map: SemanticMap
+    out_h: int
+    out_w: int
+    bucket: int | None
+
+
+@dataclass
 class _TileConditioning:
-    """What one tile sees at every step, computed once before the loop: ``T_spa`` per CFG half,
-    the visual guidance once (both halves share it; padded to the tile's bucket), the blending
-    weights of its real extent."""
+    """One tile: its index into :attr:`_ImageConditioning.tile_texts`, the shape it runs at
+    (its bucket's, else its own) and the blending weights of its real extent."""
 
     tile: Tile
-    spatial_text: torch.Tensor
-    guidance: torch.Tensor
+    texts: int
+    shape: tuple[int, int]
     weights: torch.Tensor | None
 
 
 @dataclass
 class _BatchConditioning:
-    """The conditioning of a batch of same-shape tiles, concatenated once before the loop:
-    per CFG half ``(T_deg, T_spa)``, all halves joined for a single forward, and the guidance
-    ``f`` of the tiles once (repeated per half only for the forward, so that the largest
-    per-tile tensor is held once)."""
+    """A batch of same-shape tiles: what the loop needs to read their inputs at each step."""
 
     tiles: list[Tile]
     weights: list[torch.Tensor | None]
-    halves: list[tuple[torch.Tensor, torch.Tensor]]
-    joined: tuple[torch.Tensor, torch.Tensor]
+    texts: list[int]
+
+
+@dataclass
+class _BatchInputs:
+    """A batch's conditioning for one step: per CFG half ``(T_deg, T_spa, UNet text)``, all
+    halves joined for a single forward, and the tiles' guidance ``f`` (repeated per half only
+    for the forward)."""
+
+    halves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    joined: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     guidance: torch.Tensor
 
 
@@ -163,6 +194,33 @@ def padding_index(size: int, padded: int, *, reflect: bool) -> torch.Tensor:
     outside = index >= size
     beyond = 2 * (size - 1) - index if reflect else torch.full_like(index, size - 1)
     return torch.where(outside, beyond, index)
+
+
+def semantic_input(low_res: torch.Tensor, out_h: int, out_w: int, size: int) -> torch.Tensor:
+    """The upsampled image (``out_h x out_w``, unpadded) at the semantic encoder's resolution
+    (longest side ``size``), straight from the LR in ``[-1, 1]``: bicubic, as the upsampling, when
+    that enlarges the LR, antialiased otherwise, so that no full-resolution image is built for
+    an encoder that reads 1024 px. SAM's own resize then leaves it as it is."""
+    ratio = size / max(out_h, out_w)
+    height, width = max(1, round(out_h * ratio)), max(1, round(out_w * ratio))
+    if height >= low_res.shape[-2] and width >= low_res.shape[-1]:
+        resized = F.interpolate(
+            low_res.float(), size=(height, width), mode="bicubic", align_corners=False
+        )
+    else:
+        resized = F.interpolate(
+            low_res.float(), size=(height, width), mode="bilinear", antialias=True
+        )
+    return resized.clamp(-1.0, 1.0)
+
+
+def cell_fractions(start: int, count: int, factor: int, real: int) -> torch.Tensor:
+    """The centres of latent cells ``[start, start + count)`` (``factor`` pixels each) as fractions
+    of the ``real`` unpadded pixels; centres in the padding mirror back into the image, as the
+    padding mirrors the image."""
+    centres = (torch.arange(start, start + count, dtype=torch.float64) + 0.5) * factor
+    centres = torch.where(centres > real, 2.0 * real - centres, centres)
+    return centres / real
 
 
 def regions(height: int, width: int, side: int) -> list[Tile]:
@@ -226,18 +284,17 @@ class _Upsampled:
         block = upsampled[..., row : row + bottom - top, col : col + right - left]
         return block.clamp(-1.0, 1.0)
 
-    def canvas(self, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-        """The whole padded image, allocated once and filled region by region (the VAE encoder's
-        input), cast through ``dtypes`` in turn."""
-        device = self.low_res.device
-        out = torch.empty(1, 3, self.height, self.width, dtype=dtypes[-1], device=device)
-        for part in regions(self.height, self.width, OUTPUT_REGION):
-            rows, cols = part.slices
+    def source(self, dtypes: tuple[torch.dtype, ...]) -> Regions:
+        """The whole padded image as the tiled VAE encoder reads it, region by region on demand
+        (so it never exists at full resolution), each region cast through ``dtypes`` in turn."""
+
+        def read(rows: slice, cols: slice) -> torch.Tensor:
             block = self.region(rows, cols)
             for dtype in dtypes:
                 block = block.to(dtype)
-            out[..., rows, cols] = block
-        return out
+            return block
+
+        return Regions(read, self.height, self.width, self.low_res.device)
 
 
 class _ChannelMoments:
@@ -289,38 +346,86 @@ class _Output:
         return [self.image]
 
 
+class _OutputStream:
+    """Colour-fixes the decoded image as it arrives, in consecutive bands of rows top to bottom
+    (:data:`model.tiling.Emit`), and writes it to ``output`` region by region: what the
+    whole-image colour fix gives, without its full-resolution intermediates.
+
+    The wavelet fix sees :data:`WAVELET_MARGIN` pixels around each region, so rows are written
+    once that many rows below them have arrived and kept until that many rows below them are
+    written; without a fix rows are written as they come. AdaIN needs the whole image's moments
+    before any pixel, so it holds every row until the last (the one case that holds the decoded
+    image at full resolution)."""
+
+    def __init__(self, reference: _Upsampled, color_fix: str, output: _Output) -> None:
+        self.reference, self.color_fix, self.output = reference, color_fix, output
+        self.margin = WAVELET_MARGIN if color_fix == "wavelet" else 0
+        self.held: torch.Tensor | None = None
+        """Decoded rows from :attr:`top` on, cropped to the reference's unpadded width."""
+        self.top = 0
+        self.arrived = 0
+        """Decoded rows received so far, padding included."""
+        self.written = 0
+        """Output rows written so far."""
+
+    def add(self, top: int, band: torch.Tensor) -> None:
+        height, width = self.reference.out_h, self.reference.out_w
+        if top != self.arrived:
+            raise ValueError(f"rows from {top} arrived, expected {self.arrived}")
+        self.arrived += band.shape[-2]
+        band = band[..., : max(0, height - top), :width]  # the padding is never output
+        self.held = band if self.held is None else torch.cat([self.held, band], -2)
+        arrived = self.top + self.held.shape[-2]
+        if arrived >= height:
+            ready = height
+        elif self.color_fix == "adain":
+            return
+        else:
+            ready = arrived - self.margin
+        if ready > self.written:
+            self._write(self.written, ready)
+            self.written = ready
+            keep = max(self.top, ready - self.margin)
+            self.held, self.top = self.held[..., keep - self.top :, :], keep
+
+    def _adain(self) -> tuple[torch.Tensor, ...]:
+        """Whole-image moments of the decoded image and of the reference, region by region."""
+        assert self.held is not None and self.top == 0
+        image_moments, reference_moments = _ChannelMoments(), _ChannelMoments()
+        for part in regions(self.reference.out_h, self.reference.out_w, OUTPUT_REGION):
+            rows, cols = part.slices
+            image_moments.add(self.held[..., rows, cols])
+            reference_moments.add(self.reference.region(rows, cols))
+        return (*image_moments.mean_std(), *reference_moments.mean_std())
+
+    def _write(self, first: int, last: int) -> None:
+        """Output rows ``[first, last)``, from the held rows around them."""
+        assert self.held is not None
+        height, width, margin = self.reference.out_h, self.reference.out_w, self.margin
+        adain = self._adain() if self.color_fix == "adain" else ()
+        for part in regions(last - first, width, OUTPUT_REGION):
+            part_top = first + part.top
+            top, left = max(0, part_top - margin), max(0, part.left - margin)
+            bottom = min(height, part_top + part.height + margin)
+            right = min(width, part.left + part.width + margin)
+            image = self.held[..., top - self.top : bottom - self.top, left:right].float()
+            if adain:
+                image_mean, image_std, reference_mean, reference_std = adain
+                fixed = (image - image_mean) / image_std * reference_std + reference_mean
+            else:
+                window = self.reference.region(slice(top, bottom), slice(left, right))
+                fixed = apply_color_fix(image, window, self.color_fix)
+            row, col = part_top - top, part.left - left
+            fixed = fixed[..., row : row + part.height, col : col + part.width].clamp(-1.0, 1.0)
+            self.output.write(part_top, part.left, (fixed + 1.0) / 2.0)
+
+
 def stream_output(
     decoded: torch.Tensor, reference: _Upsampled, color_fix: str, output: _Output
 ) -> None:
-    """Colour-fix ``decoded`` (cropped to the reference's unpadded size) against ``reference``
-    and write it to ``output`` region by region: what the whole-image colour fix gives, without
-    its full-resolution intermediates. The wavelet fix sees :data:`WAVELET_MARGIN` pixels around
-    each region; AdaIN's whole-image statistics come from a first pass over the regions."""
-    height, width = reference.out_h, reference.out_w
-    parts = regions(height, width, OUTPUT_REGION)
-    margin = WAVELET_MARGIN if color_fix == "wavelet" else 0
-    adain: tuple[torch.Tensor, ...] = ()
-    if color_fix == "adain":
-        image_moments, reference_moments = _ChannelMoments(), _ChannelMoments()
-        for part in parts:
-            rows, cols = part.slices
-            image_moments.add(decoded[..., rows, cols])
-            reference_moments.add(reference.region(rows, cols))
-        adain = (*image_moments.mean_std(), *reference_moments.mean_std())
-    for part in parts:
-        top, left = max(0, part.top - margin), max(0, part.left - margin)
-        bottom = min(height, part.top + part.height + margin)
-        right = min(width, part.left + part.width + margin)
-        image = decoded[..., top:bottom, left:right].float()
-        if adain:
-            image_mean, image_std, reference_mean, reference_std = adain
-            fixed = (image - image_mean) / image_std * reference_std + reference_mean
-        else:
-            window = reference.region(slice(top, bottom), slice(left, right))
-            fixed = apply_color_fix(image, window, color_fix)
-        row, col = part.top - top, part.left - left
-        fixed = fixed[..., row : row + part.height, col : col + part.width].clamp(-1.0, 1.0)
-        output.write(part.top, part.left, (fixed + 1.0) / 2.0)
+    """Colour-fix the whole ``decoded`` image (cropped to the reference's unpadded size) against
+    ``reference`` into ``output`` region by region, as :class:`_OutputStream` does band by band."""
+    _OutputStream(reference, color_fix, output).add(0, decoded)
 
 
 class SpaSemSRPipeline(DiffusionPipeline):
@@ -330,7 +435,16 @@ class SpaSemSRPipeline(DiffusionPipeline):
     ``scheduler``; SpaSemSR's ``unet_attention`` (attention added to the UNet), ``controlnet``,
     ``image_encoder`` and ``semantic_encoder`` (SAM ViT). ``configuration`` names the shapes
     (``tiny``, ``sd2``) and ``trained`` says whether SpaSemSR's blocks carry trained weights;
-    both are saved in ``model_index.json``.
+    ``unet_prompt`` (one of :data:`UNET_PROMPTS`) says which text the frozen UNet's own
+    cross-attention reads. All three are saved in ``model_index.json``.
+
+    ``unet_prompt="tags"`` (the default) is Figure 2 as drawn: ``T_deg`` goes into the ControlNet
+    only, and the UNet's cross-attention reads the semantic prompt, the tile's tags as one plain
+    prompt (``T_spa`` before the box add), the kind of text SD was trained on. A frozen SD UNet
+    reads a degradation caption ("A noisy, low-resolution image ...") as content to draw, and
+    classifier-free guidance amplifies it. ``"caption"`` gives the UNet ``T_deg`` instead (SeeSR's
+    choice, where one prompt serves both); training reads the same entry, so a model is trained
+    and served with one choice.
     """
 
     def __init__(
@@ -346,8 +460,11 @@ class SpaSemSRPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         configuration: str = "custom",
         trained: bool = False,
+        unet_prompt: str = "tags",
     ) -> None:
         super().__init__()
+        if unet_prompt not in UNET_PROMPTS:
+            raise ValueError(f"unet_prompt {unet_prompt!r}: expected one of {UNET_PROMPTS}")
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -359,7 +476,9 @@ class SpaSemSRPipeline(DiffusionPipeline):
             semantic_encoder=semantic_encoder,
             scheduler=scheduler,
         )
-        self.register_to_config(configuration=configuration, trained=trained)
+        self.register_to_config(
+            configuration=configuration, trained=trained, unet_prompt=unet_prompt
+        )
         unet_attention.install(unet)
         self.vae_scale_factor = int(2 ** (len(vae.config["block_out_channels"]) - 1))
         self.latent_multiple = int(2 ** (len(unet.config["block_out_channels"]) - 1))
@@ -517,6 +636,7 @@ class SpaSemSRPipeline(DiffusionPipeline):
                     timestep,
                     zeros(batch, *text_shape),
                     zeros(batch, *text_shape),
+                    zeros(batch, *text_shape),
                     zeros(batch, channels, height, width),
                     1.0,
                 )
@@ -532,34 +652,89 @@ class SpaSemSRPipeline(DiffusionPipeline):
             min(1.0, (tile.top + tile.height) * factor / out_h),
         )
 
+    def semantic_map(self, low_res: torch.Tensor, scale: int) -> SemanticMap:
+        """The semantic encoder's map of the whole upsampled image, one pass per image."""
+        out_h, out_w = low_res.shape[-2] * scale, low_res.shape[-1] * scale
+        configured = self.semantic_encoder.config.image_size
+        image_size = configured if isinstance(configured, int) else int(configured[0])
+        return encode_semantic_map(
+            self.semantic_encoder, semantic_input(low_res, out_h, out_w, image_size)
+        )
+
+    def image_latents(self, upsampled: _Upsampled, *, tile: int) -> torch.Tensor:
+        """The image encoder's latent of the whole padded upsampled image, once per image, tiled
+        as the VAE encoder is (``tile`` latent cells, shared GroupNorm statistics), read by
+        regions: no full-resolution input."""
+        encoder = self.image_encoder
+        pixels = upsampled.source((self.unet.dtype, encoder.dtype))
+        return tiled_encode(
+            encoder, encoder.encoder, pixels, factor=self.vae_scale_factor, tile=tile,
+            overlap=tile // 8,
+        )  # fmt: skip
+
+    def tile_guidance(self, image: _ImageConditioning, tile: Tile) -> torch.Tensor:
+        """``f`` of one tile: ``concat(image latent, semantic map)`` at the tile's latent cells,
+        padded to its bucket (mirrored, as its latent is)."""
+        factor = self.vae_scale_factor
+        latent = image.image_latents[..., tile.slices[0], tile.slices[1]]
+        semantic = image.semantic_map.at(
+            cell_fractions(tile.top, tile.height, factor, image.out_h),
+            cell_fractions(tile.left, tile.width, factor, image.out_w),
+        )
+        guidance = torch.cat([latent, semantic.to(latent.dtype)], dim=1).to(self.unet.dtype)
+        if image.bucket is None:
+            return guidance
+        return reflect_pad_to(guidance, image.bucket, image.bucket)
+
+    def _tile_texts(
+        self,
+        local: GroundedPrompt,
+        text: torch.Tensor,
+        negative: torch.Tensor,
+        do_cfg: bool,
+        cache: dict[tuple[str, ...], tuple[torch.Tensor, list[list[int]]]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tile's ``(T_spa, UNet text)``, each per CFG half: the UNet reads the tile's plain tag
+        prompt, or ``T_deg`` as the configuration's ``unet_prompt`` says."""
+        spatial, tags = self.text_conditioner.encode_spatial_and_tags(
+            local.tags, local.boxes, cache=cache
+        )
+        dtype = self.unet.dtype
+
+        def with_negative(embedding: torch.Tensor) -> torch.Tensor:
+            return torch.cat([negative, embedding.to(dtype)]) if do_cfg else embedding.to(dtype)
+
+        unet_text = text if self.config["unet_prompt"] == "caption" else with_negative(tags)
+        return with_negative(spatial), unet_text
+
     def _sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _prepare_batch(
-        self, batch: list[_TileConditioning], text: torch.Tensor
-    ) -> _BatchConditioning:
-        """Per-image work for a batch of tiles, done once: the loop only stacks latents.
+    def _batch_inputs(self, image: _ImageConditioning, batch: _BatchConditioning) -> _BatchInputs:
+        """A batch's conditioning, read off the per-image encodings for one step.
 
         Every tensor is contiguous (an expanded view has other strides, and compiled modules
-        guard on strides: it would compile once more)."""
-        count = len(batch)
+        guard on strides: it would compile once more) and its own (``torch.cat`` copies even one
+        tensor: the UNet's text may hold ``T_deg``'s values, and compiled modules guard on
+        aliasing too)."""
+        text, count = image.text, len(batch.tiles)
         halves = [slice(0, 1), slice(1, 2)] if text.shape[0] == 2 else [slice(0, 1)]
+        texts = [image.tile_texts[index] for index in batch.texts]
         inputs = [
             (
                 text[half].expand(count, *text.shape[1:]).contiguous(),
-                torch.cat([c.spatial_text[half] for c in batch]),
+                torch.cat([spatial[half] for spatial, _ in texts]),
+                torch.cat([unet_text[half] for _, unet_text in texts]),
             )
             for half in halves
         ]
-        t_deg, t_spa = (torch.cat(parts) for parts in zip(*inputs, strict=True))
-        return _BatchConditioning(
-            tiles=[c.tile for c in batch],
-            weights=[c.weights for c in batch],
+        t_deg, t_spa, t_unet = (torch.cat(parts) for parts in zip(*inputs, strict=True))
+        return _BatchInputs(
             halves=inputs,
-            joined=(t_deg, t_spa),
-            guidance=torch.cat([c.guidance for c in batch]),
+            joined=(t_deg, t_spa, t_unet),
+            guidance=torch.cat([self.tile_guidance(image, tile) for tile in batch.tiles]),
         )
 
     def _forward(
@@ -568,10 +743,12 @@ class SpaSemSRPipeline(DiffusionPipeline):
         timestep: torch.Tensor,
         text: torch.Tensor,
         spatial_text: torch.Tensor,
+        unet_text: torch.Tensor,
         guidance: torch.Tensor,
         conditioning_scale: float,
     ) -> torch.Tensor:
-        """One ControlNet + UNet forward on a batch (every argument batch-aligned)."""
+        """One ControlNet + UNet forward on a batch (every argument batch-aligned): ``text``
+        (``T_deg``) conditions the ControlNet, ``unet_text`` the UNet's own cross-attention."""
         # One timestep type whatever the scheduler (a compiled module guards on dtypes); the
         # time embedding computes in float32 anyway, so the values are unchanged.
         timestep = timestep.to(device=self.device, dtype=torch.float32)
@@ -589,7 +766,7 @@ class SpaSemSRPipeline(DiffusionPipeline):
                 conditioning_scale=conditioning_scale,
             )
             noise = unet_with_control(
-                self.unet, model_input, timestep, text=text, spatial_text=spatial_text,
+                self.unet, model_input, timestep, text=unet_text, spatial_text=spatial_text,
                 control=control,
             )  # fmt: skip
         # Cloned so that a CUDA-graph replay of the next batch cannot overwrite it.
@@ -599,7 +776,7 @@ class SpaSemSRPipeline(DiffusionPipeline):
         self,
         latents: list[torch.Tensor],
         timestep: torch.Tensor,
-        prepared: _BatchConditioning,
+        prepared: _BatchInputs,
         guidance_scale: float,
         conditioning_scale: float,
     ) -> list[torch.Tensor]:
@@ -610,20 +787,21 @@ class SpaSemSRPipeline(DiffusionPipeline):
         halves = len(prepared.halves)
         f = prepared.guidance
         if self.performance.cfg_batched or halves == 1:
-            t_deg, t_spa = prepared.joined
+            t_deg, t_spa, t_unet = prepared.joined
             noise = self._forward(
                 x.repeat(halves, 1, 1, 1),
                 timestep,
                 t_deg,
                 t_spa,
+                t_unet,
                 f.repeat(halves, 1, 1, 1),
                 conditioning_scale,
             )
             outputs = list(noise.chunk(halves))
         else:
             outputs = [
-                self._forward(x, timestep, t_deg, t_spa, f, conditioning_scale)
-                for t_deg, t_spa in prepared.halves
+                self._forward(x, timestep, t_deg, t_spa, t_unet, f, conditioning_scale)
+                for t_deg, t_spa, t_unet in prepared.halves
             ]
         if halves == 2:
             uncond, cond = outputs
@@ -632,20 +810,26 @@ class SpaSemSRPipeline(DiffusionPipeline):
             noise = outputs[0]
         return list(noise.split(latents[0].shape[0]))
 
-    def _tile_batches(self, conditions: list[_TileConditioning]) -> list[list[_TileConditioning]]:
+    def _tile_batches(self, conditions: list[_TileConditioning]) -> list[_BatchConditioning]:
         """Tiles of the same (padded) shape in batches of :attr:`PerformanceSettings.tile_counts`
         tiles, largest first: at most ``tile_batch_size``, and only sizes from that fixed set."""
         counts = sorted(self.performance.tile_counts, reverse=True)
-        groups: dict[tuple[int, ...], list[_TileConditioning]] = {}
+        groups: dict[tuple[int, int], list[_TileConditioning]] = {}
         for condition in conditions:
-            key = (*condition.guidance.shape[-2:], *condition.spatial_text.shape)
-            groups.setdefault(key, []).append(condition)
+            groups.setdefault(condition.shape, []).append(condition)
         batches = []
         for group in groups.values():
             start = 0
             while start < len(group):
                 size = next(count for count in counts if count <= len(group) - start)
-                batches.append(group[start : start + size])
+                members = group[start : start + size]
+                batches.append(
+                    _BatchConditioning(
+                        tiles=[c.tile for c in members],
+                        weights=[c.weights for c in members],
+                        texts=[c.texts for c in members],
+                    )
+                )
                 start += size
         return batches
 
@@ -658,9 +842,9 @@ class SpaSemSRPipeline(DiffusionPipeline):
         self,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
+        image: _ImageConditioning,
         batches: list[_BatchConditioning],
         total_weight: torch.Tensor | None,
-        bucket: int | None,
         guidance_scale: float,
         conditioning_scale: float,
     ) -> torch.Tensor:
@@ -670,10 +854,15 @@ class SpaSemSRPipeline(DiffusionPipeline):
         noise_pred: torch.Tensor | None = None
         if total_weight is not None:
             noise_pred = torch.zeros(model_input.shape, dtype=torch.float32, device=self.device)
+        bucket = image.bucket
         for batch in batches:
             tile_inputs = [self._tile_input(model_input, tile, bucket) for tile in batch.tiles]
             tile_preds = self._predict_noise_tiles(
-                tile_inputs, timestep, batch, guidance_scale, conditioning_scale
+                tile_inputs,
+                timestep,
+                self._batch_inputs(image, batch),
+                guidance_scale,
+                conditioning_scale,
             )
             for tile, weights, tile_pred in zip(
                 batch.tiles, batch.weights, tile_preds, strict=True
@@ -748,18 +937,23 @@ class SpaSemSRPipeline(DiffusionPipeline):
         side = self.tile_side(tile_size, upsampled.height, upsampled.width)
 
         # 2. text, once per image: T_deg, the negative prompt, and T_spa of each tile from the
-        #    boxes that intersect it (tiles with the same tags share one text-encoder pass)
+        #    boxes that intersect it, with the tile's plain tag prompt as the UNet's text unless
+        #    the configuration gives it T_deg (tiles with the same tags share one encoder pass)
         text = self.text_conditioner.encode(prompt.caption).to(dtype)
         negative = self.text_conditioner.encode(negative_prompt or "").to(dtype)
         if do_cfg:
             text = torch.cat([negative, text])
         tag_cache: dict[tuple[str, ...], tuple[torch.Tensor, list[list[int]]]] = {}
-        spatial_texts = []
+        tile_texts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        text_of: dict[tuple[tuple[str, ...], tuple[Box, ...]], int] = {}
+        texts_of_tiles = []
         for tile in tiles:
             local = boxes_for_tile(prompt, self._tile_box(tile, out_h, out_w))
-            spatial = self.text_conditioner.encode_spatial(local.tags, local.boxes, cache=tag_cache)
-            spatial = spatial.to(dtype)
-            spatial_texts.append(torch.cat([negative, spatial]) if do_cfg else spatial)
+            key = (tuple(local.tags), tuple(local.boxes))
+            if key not in text_of:  # tiles with the same local prompt share their texts
+                text_of[key] = len(tile_texts)
+                tile_texts.append(self._tile_texts(local, text, negative, do_cfg, tag_cache))
+            texts_of_tiles.append(text_of[key])
         timings["text"] = self._sync() - started
 
         # 3. scheduler and timesteps
@@ -777,42 +971,40 @@ class SpaSemSRPipeline(DiffusionPipeline):
         # VAE tiles follow the served tile side: a bucket is never above the requested size, so
         # the out-of-memory retry's halving still shrinks the VAE's working set too.
         vae_tile = side // self.vae_scale_factor if side is not None else max(latent_h, latent_w)
-        # The one full-resolution buffer of this step, for as long as the encoder needs it.
-        canvas = upsampled.canvas((dtype, self.vae.dtype))
-        lr_latents = tiled_vae_encode(self.vae, canvas, tile=vae_tile, overlap=vae_tile // 8)
-        del canvas
+        # Read tile by tile (and block by block for the statistics): no full-resolution input.
+        pixels = upsampled.source((dtype, self.vae.dtype))
+        lr_latents = tiled_vae_encode(self.vae, pixels, tile=vae_tile, overlap=vae_tile // 8)
         noise = randn_tensor(
             lr_latents.shape, generator=generator, device=self.device, dtype=torch.float32
         )
         latents = noise_scheduler.add_noise(lr_latents.float(), noise, timesteps[:1]).to(dtype)
         timings["vae_encode"] = self._sync() - mark
 
-        # 5. per-tile conditioning, once before the loop: visual guidance f of the tile's crop
-        #    (padded to the bucket at latent resolution, so its real part is that of the crop),
-        #    its T_spa, its Gaussian blending weights over its real extent
+        # 5. visual guidance, once per image: the image encoder's latent of the whole image and
+        #    the semantic encoder's map (each tile reads its f off them at its latent cells, at
+        #    each step); per tile its texts and its Gaussian blending weights over its real extent
         mark = self._sync()
+        image_conditioning = _ImageConditioning(
+            text=text,
+            tile_texts=tile_texts,
+            image_latents=self.image_latents(upsampled, tile=vae_tile),
+            semantic_map=self.semantic_map(low_res, scale),
+            out_h=out_h,
+            out_w=out_w,
+            bucket=bucket,
+        )
         conditions = []
         total_weight = None
         if len(tiles) > 1:
             total_weight = torch.zeros(1, 1, latent_h, latent_w, device=self.device)
-        for tile, spatial in zip(tiles, spatial_texts, strict=True):
-            rows, cols = tile.scaled(self.vae_scale_factor).slices
-            crop = upsampled.region(rows, cols).to(dtype)
-            guidance = visual_guidance(self.image_encoder, self.semantic_encoder, crop).to(dtype)
-            if bucket is not None:
-                guidance = reflect_pad_to(guidance, bucket, bucket)
+        for tile, texts in zip(tiles, texts_of_tiles, strict=True):
             weights = None
             if total_weight is not None:
                 weights = gaussian_weights(tile.height, tile.width).to(self.device)
                 total_weight[..., tile.slices[0], tile.slices[1]] += weights
-            conditions.append(
-                _TileConditioning(
-                    tile=tile, spatial_text=spatial, guidance=guidance, weights=weights
-                )
-            )
-        # Batched once; the per-tile tensors are dropped so that each is held once.
-        batches = [self._prepare_batch(batch, text) for batch in self._tile_batches(conditions)]
-        del conditions
+            shape = (bucket, bucket) if bucket is not None else (tile.height, tile.width)
+            conditions.append(_TileConditioning(tile, texts, shape, weights))
+        batches = self._tile_batches(conditions)
         timings["guidance"] = self._sync() - mark
         timings["encode"] = self._sync() - started
         notify("encode", 1, 1)
@@ -825,9 +1017,9 @@ class SpaSemSRPipeline(DiffusionPipeline):
             noise_pred = self._predict_noise(
                 model_input,
                 timestep,
+                image_conditioning,
                 batches,
                 total_weight,
-                bucket,
                 guidance_scale,
                 conditioning_scale,
             )
@@ -839,17 +1031,22 @@ class SpaSemSRPipeline(DiffusionPipeline):
         timings["denoise"] = self._sync() - mark
 
         # 7. decode, then crop to exactly scale x input, colour fix and convert region by region
-        #    into the output, allocated once
+        #    into the output, allocated once; each band of decoded rows goes to the colour fix
+        #    as soon as it is blended, so the decoded image is never whole (but for AdaIN)
         notify("decode", 0, 1)
         mark = self._sync()
-        del batches, lr_latents, noise
-        decoded = tiled_vae_decode(
-            self.vae, latents.to(self.vae.dtype), tile=vae_tile, overlap=vae_tile // 8
-        )
-        del latents
+        del batches, image_conditioning, lr_latents, noise
         output = _Output(out_h, out_w, output_type)
-        stream_output(decoded, upsampled, color_fix, output)
-        del decoded
+        vae_latents = latents.to(self.vae.dtype)
+        del latents
+        tiled_vae_decode_stream(
+            self.vae,
+            vae_latents,
+            _OutputStream(upsampled, color_fix, output).add,
+            tile=vae_tile,
+            overlap=vae_tile // 8,
+        )
+        del vae_latents
         images = output.result()
         timings["decode"] = self._sync() - mark
         notify("decode", 1, 1)

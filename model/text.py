@@ -209,6 +209,19 @@ class TextConditioner:
         ``cache`` (per image) keeps tag-prompt encodings, so tiles with the same tags but other
         boxes only redo the aligned token add.
         """
+        return self.encode_spatial_and_tags(tags, boxes, cache=cache)[0]
+
+    @torch.no_grad()
+    def encode_spatial_and_tags(
+        self,
+        tags: Sequence[str],
+        boxes: Sequence[Box],
+        *,
+        cache: dict[tuple[str, ...], tuple[torch.Tensor, list[list[int]]]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T_spa, T_tags)``, each ``(1, L, D)``: :meth:`encode_spatial` and the same tag prompt
+        without the box embeddings (the semantic prompt the frozen UNet reads), from one encoder
+        pass."""
         kept_tags, kept_boxes = self.fit_tags(tags, boxes)
         key = tuple(kept_tags)
         if cache is not None and key in cache:
@@ -218,9 +231,10 @@ class TextConditioner:
             if cache is not None:
                 cache[key] = (embeddings, indices)
         if not kept_tags:
-            return embeddings
+            return embeddings, embeddings
         box_tensor = torch.tensor(kept_boxes, dtype=torch.float32, device=embeddings.device)
         boxes_embedded = self.position_encoder.to(embeddings.device)(box_tensor)
-        return aligned_token_add(
+        spatial = aligned_token_add(
             embeddings, indices, box_embeddings_at_token_scale(embeddings, indices, boxes_embedded)
         )
+        return spatial, embeddings

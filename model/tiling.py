@@ -8,9 +8,12 @@
   conditioning, made once before the loop: the visual guidance of its crop and the boxes that
   intersect it, re-projected into tile coordinates (:func:`boxes_for_tile`).
 * **VAE tiles**: encode and decode run over tiles with feathered overlaps, each tile once, tiles
-  of one shape in batches. Every GroupNorm uses statistics shared by all tiles instead of
-  per-tile statistics, so tiles do not drift apart in tone [I]: by default those of one untiled
-  run on a mosaic of full-resolution blocks spread over the whole input (one tile of work,
+  of one shape in batches. The input may be read region by region (:class:`Regions`: an image
+  computed on demand is never whole) and the output is handed on in bands of finished rows
+  (:data:`Emit`), so a pass holds one batch of tiles plus the rows later tiles still blend into.
+  Every GroupNorm uses statistics shared by all tiles instead of per-tile statistics, so tiles
+  do not drift apart in tone [I]: by default those of one untiled run on a mosaic of
+  full-resolution blocks spread over the whole input (one tile of work,
   :func:`mosaic_group_norm_stats`); the earlier first pass over every tile
   (:func:`tile_pass_group_norm_stats`) remains as ``statistics="two-pass"``. The shared
   normalisation is a per-channel affine map in the activation's dtype and memory layout
@@ -202,6 +205,101 @@ def tile_batches(tiles: list[Tile], size: int) -> list[list[Tile]]:
     return [group[i : i + step] for group in groups.values() for i in range(0, len(group), step)]
 
 
+# --- Inputs read region by region, outputs handed on band by band
+# -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Regions:
+    """A ``(B, C, height, width)`` input read one region at a time: ``read(rows, cols)`` is its
+    ``[..., rows, cols]``. A tiled pass reads only its tiles and its statistics' blocks, so an
+    input computed on demand (the pipeline's upsampled image) never exists at full size."""
+
+    read: Callable[[slice, slice], torch.Tensor]
+    height: int
+    width: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> Regions:
+        return cls(lambda rows, cols: x[..., rows, cols], x.shape[-2], x.shape[-1], x.device)
+
+    def tile(self, t: Tile) -> torch.Tensor:
+        return self.read(*t.slices)
+
+    def whole(self) -> torch.Tensor:
+        return self.read(slice(0, self.height), slice(0, self.width))
+
+
+Source = torch.Tensor | Regions
+"""A tiled pass's input: whole, or :class:`Regions`."""
+
+
+def as_regions(x: Source) -> Regions:
+    return x if isinstance(x, Regions) else Regions.of(x)
+
+
+Emit = Callable[[int, torch.Tensor], None]
+"""Receives a tiled pass's output as ``(top, rows)``: full-width bands of finished (fully blended)
+rows, consecutive, top to bottom."""
+
+
+def collect(stream: Callable[[Emit], None]) -> torch.Tensor:
+    """The whole output of ``stream(emit)``: its bands concatenated."""
+    bands: list[torch.Tensor] = []
+    stream(lambda top, rows: bands.append(rows))
+    return bands[0] if len(bands) == 1 else torch.cat(bands, -2)
+
+
+class _BandBlender:
+    """Feathered blending of tile outputs into an accumulator of only the rows that tiles still to
+    come add to; rows no later tile touches are divided by their weight and handed on.
+
+    Per pixel it sums the same terms in the same order as one whole-image accumulator, so the
+    result is the same to the bit; in raster order it holds about one row of tiles."""
+
+    def __init__(self, width: int, dtype: torch.dtype, emit: Emit) -> None:
+        self.width, self.dtype, self.emit = width, dtype, emit
+        self.top = 0
+        """Output row of the accumulator's first row."""
+        self.sums: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
+
+    def add(self, target: Tile, result: torch.Tensor, weight: torch.Tensor) -> None:
+        """``result`` (float32) weighted by ``weight`` at ``target`` (output cells)."""
+        self._extend(target.top + target.height, result)
+        assert self.sums is not None and self.weights is not None
+        rows = slice(target.top - self.top, target.top + target.height - self.top)
+        cols = target.slices[1]
+        self.sums[..., rows, cols] += result * weight
+        self.weights[..., rows, cols] += weight
+
+    def _extend(self, bottom: int, like: torch.Tensor) -> None:
+        held = 0 if self.sums is None else self.sums.shape[-2]
+        grow = bottom - self.top - held
+        if grow <= 0:
+            return
+        sums = torch.zeros(*like.shape[:2], grow, self.width, device=like.device)
+        weights = torch.zeros(1, 1, grow, self.width, device=like.device)
+        if self.sums is not None and self.weights is not None:
+            sums, weights = torch.cat([self.sums, sums], -2), torch.cat([self.weights, weights], -2)
+        self.sums, self.weights = sums, weights
+
+    def flush(self, until: int) -> None:
+        """Hand on the held rows above output row ``until`` (no tile left adds to them)."""
+        if self.sums is None or self.weights is None:
+            return
+        count = min(until - self.top, self.sums.shape[-2])
+        if count <= 0:
+            return
+        band = (self.sums[..., :count, :] / self.weights[..., :count, :]).to(self.dtype)
+        # Copies, so that the handed-on rows' storage is freed now, not at the next extension.
+        self.sums = self.sums[..., count:, :].clone()
+        self.weights = self.weights[..., count:, :].clone()
+        top, self.top = self.top, self.top + count
+        self.emit(top, band)
+
+
 def _group_norms(net: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
     return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.GroupNorm)]
 
@@ -354,14 +452,15 @@ def recorded_group_norm_stats(net: nn.Module, stats: GroupStats) -> Iterator[Non
         yield
 
 
-def mosaic(x: torch.Tensor, *, side: int, block: int, multiple: int = 1) -> torch.Tensor:
+def mosaic(x: Source, *, side: int, block: int, multiple: int = 1) -> torch.Tensor:
     """A thumbnail of ``x`` about ``side`` cells square, made of ``block``-sized full-resolution
     blocks of ``x`` spread evenly over it (``side // block`` per side, the last flush with the
-    end, overlapping where ``x`` is short); ``x`` itself when it has no more cells than that.
-    Block starts and sides are multiples of ``multiple`` (a VAE encoder's pixels)."""
-    height, width = x.shape[-2:]
+    end, overlapping where ``x`` is short); ``x`` itself (whole) when it has no more cells than
+    that. Block starts and sides are multiples of ``multiple`` (a VAE encoder's pixels)."""
+    source = as_regions(x)
+    height, width = source.height, source.width
     if height * width <= side * side:
-        return x
+        return x if isinstance(x, torch.Tensor) else source.whole()
     count = max(2, side // block)
     block_h, block_w = min(block, height), min(block, width)
 
@@ -371,7 +470,10 @@ def mosaic(x: torch.Tensor, *, side: int, block: int, multiple: int = 1) -> torc
 
     lefts = starts(width, block_w)
     rows = [
-        torch.cat([x[..., top : top + block_h, left : left + block_w] for left in lefts], -1)
+        torch.cat(
+            [source.read(slice(top, top + block_h), slice(left, left + block_w)) for left in lefts],
+            -1,
+        )
         for top in starts(height, block_h)
     ]
     return torch.cat(rows, -2)
@@ -380,7 +482,7 @@ def mosaic(x: torch.Tensor, *, side: int, block: int, multiple: int = 1) -> torc
 def mosaic_group_norm_stats(
     run: Callable[[torch.Tensor], torch.Tensor],
     net: nn.Module,
-    x: torch.Tensor,
+    x: Source,
     *,
     side: int,
     block: int,
@@ -421,7 +523,7 @@ def _crop_owned(x: torch.Tensor, tile: Tile, owned: Tile) -> torch.Tensor:
 def tile_pass_group_norm_stats(
     run: Callable[[torch.Tensor], torch.Tensor],
     net: nn.Module,
-    x: torch.Tensor,
+    x: Source,
     *,
     tiles: list[Tile],
     batch_size: int = 1,
@@ -434,7 +536,7 @@ def tile_pass_group_norm_stats(
     from inputs that earlier per-tile normalisations shaped, so they drift from the untiled
     ones (more than :func:`mosaic_group_norm_stats` does, bench/RESULTS.md). Twice the work.
     """
-    samples = x.shape[0]
+    source = as_regions(x)
     owner = dict(zip(tiles, owned_regions(tiles), strict=True))
     moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     current: list[Tile] = []
@@ -443,6 +545,7 @@ def tile_pass_group_norm_stats(
         def forward(activation: torch.Tensor) -> torch.Tensor:
             zero = torch.zeros((), dtype=torch.float64, device=activation.device)
             total, squares, count = moments.get(name, (zero, zero, 0))
+            samples = activation.shape[0] // len(current)
             for index, tile in enumerate(current):
                 part = activation[index * samples : (index + 1) * samples]
                 core = _crop_owned(part, tile, owner[tile]).double()
@@ -458,7 +561,7 @@ def tile_pass_group_norm_stats(
     with _patched_group_norms(net, make_forward):
         for batch in tile_batches(tiles, batch_size):
             current[:] = batch
-            run(torch.cat([x[..., t.slices[0], t.slices[1]] for t in batch]))
+            run(torch.cat([source.tile(t) for t in batch]))
     stats: GroupStats = {}
     for name, (total, squares, count) in moments.items():
         mean = total / count
@@ -466,28 +569,32 @@ def tile_pass_group_norm_stats(
     return stats
 
 
-def tiled_apply(
+def tiled_stream(
     run: Callable[[torch.Tensor], torch.Tensor],
     net: nn.Module,
-    x: torch.Tensor,
+    x: Source,
+    emit: Emit,
     *,
     tiles: list[Tile],
     factor: float,
     ramp: int,
     stats: GroupStats | None = None,
     batch_size: int = 1,
-) -> torch.Tensor:
+) -> None:
     """``run(x)`` tile by tile, with the GroupNorms of ``net`` (the part of ``run`` that normalises)
-    sharing statistics across tiles; outputs are blended with :func:`feather_weights`.
+    sharing statistics across tiles; outputs are blended with :func:`feather_weights` and handed
+    to ``emit`` band by band, as soon as no later tile adds to the rows.
 
     ``tiles`` are in ``x``'s cells; output tile ``t`` is ``t`` scaled by ``factor`` (8 for a VAE
     decoder, 1/8 for an encoder); ``ramp`` is the blend ramp in output cells. ``stats`` are the
     shared statistics (e.g. :func:`mosaic_group_norm_stats`); ``None`` gathers them first in a
     pass over the tiles (:func:`tile_pass_group_norm_stats`). Then one pass: tiles of one shape
-    run ``batch_size`` at a time, so memory is that of one batch of tiles.
+    run ``batch_size`` at a time, so memory is that of one batch of tiles plus the rows still
+    being blended (about one row of tiles when ``tiles`` go row by row, as :func:`tile_grid`'s).
     """
+    source = as_regions(x)
     if stats is None:
-        stats = tile_pass_group_norm_stats(run, net, x, tiles=tiles, batch_size=batch_size)
+        stats = tile_pass_group_norm_stats(run, net, source, tiles=tiles, batch_size=batch_size)
 
     def scaled(t: Tile) -> Tile:
         return Tile(
@@ -497,26 +604,50 @@ def tiled_apply(
             round(t.width * factor),
         )
 
-    out: torch.Tensor | None = None
-    total_weight: torch.Tensor | None = None
+    batches = tile_batches(tiles, batch_size)
+    # Rows above the first row of every tile still to come are final once a batch is blended.
+    height = round(source.height * factor)
+    final = [height] * (len(batches) + 1)
+    for index in range(len(batches) - 1, -1, -1):
+        final[index] = min([final[index + 1]] + [scaled(t).top for t in batches[index]])
+    blender: _BandBlender | None = None
     weights: dict[tuple[int, int], torch.Tensor] = {}
     with shared_group_norm_stats(net, stats):
-        for batch in tile_batches(tiles, batch_size):
-            results = run(torch.cat([x[..., t.slices[0], t.slices[1]] for t in batch]))
-            for tile, result in zip(batch, results.float().split(x.shape[0]), strict=True):
-                if out is None or total_weight is None:
-                    height, width = round(x.shape[-2] * factor), round(x.shape[-1] * factor)
-                    out = torch.zeros(*result.shape[:2], height, width, device=result.device)
-                    total_weight = torch.zeros(1, 1, height, width, device=result.device)
+        for index, batch in enumerate(batches):
+            inputs = [source.tile(t) for t in batch]
+            results = run(torch.cat(inputs))
+            if blender is None:
+                blender = _BandBlender(round(source.width * factor), inputs[0].dtype, emit)
+            for tile, result in zip(batch, results.float().split(inputs[0].shape[0]), strict=True):
                 target = scaled(tile)
                 key = (target.height, target.width)
                 if key not in weights:
                     weights[key] = feather_weights(*key, ramp).to(result.device)
-                rows, cols = target.slices
-                out[..., rows, cols] += result * weights[key]
-                total_weight[..., rows, cols] += weights[key]
-    assert out is not None and total_weight is not None
-    return (out / total_weight).to(x.dtype)
+                blender.add(target, result, weights[key])
+            del inputs, results
+            blender.flush(final[index + 1])
+
+
+def tiled_apply(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    net: nn.Module,
+    x: Source,
+    *,
+    tiles: list[Tile],
+    factor: float,
+    ramp: int,
+    stats: GroupStats | None = None,
+    batch_size: int = 1,
+) -> torch.Tensor:
+    """:func:`tiled_stream`'s whole output."""
+
+    def stream(emit: Emit) -> None:
+        tiled_stream(
+            run, net, x, emit,
+            tiles=tiles, factor=factor, ramp=ramp, stats=stats, batch_size=batch_size,
+        )  # fmt: skip
+
+    return collect(stream)
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:
@@ -542,7 +673,8 @@ def _fits_untiled(height: int, width: int, *, tile: int) -> bool:
 def _tiled_vae(
     run: Callable[[torch.Tensor], torch.Tensor],
     net: nn.Module,
-    x: torch.Tensor,
+    x: Regions,
+    emit: Emit,
     *,
     tile: int,
     overlap: int,
@@ -550,15 +682,15 @@ def _tiled_vae(
     encoder: bool,
     batch_size: int | None,
     statistics: str,
-) -> torch.Tensor:
+) -> None:
     """``run`` over VAE tiles of ``x`` (``tile`` and ``overlap`` in latent cells; ``factor`` the
-    VAE's scale factor; ``x`` an image when ``encoder``, else latents)."""
+    VAE's scale factor; ``x`` an image when ``encoder``, else latents), output to ``emit``."""
     if statistics not in STATISTICS:
         raise ValueError(f"unknown statistics {statistics!r}; expected one of {STATISTICS}")
     if batch_size is None:
         batch_size = default_vae_batch(x.device)
     cells = factor if encoder else 1  # x's cells per latent cell
-    grid = tile_grid(x.shape[-2] // cells, x.shape[-1] // cells, tile, overlap)
+    grid = tile_grid(x.height // cells, x.width // cells, tile, overlap)
     tiles = [t.scaled(cells) for t in grid]
     if statistics == "two-pass":
         stats = tile_pass_group_norm_stats(run, net, x, tiles=tiles, batch_size=batch_size)
@@ -568,8 +700,8 @@ def _tiled_vae(
         stats = mosaic_group_norm_stats(
             run, net, x, side=MOSAIC_BLOCKS * block * cells, block=block * cells, multiple=cells
         )
-    return tiled_apply(
-        run, net, x,
+    tiled_stream(
+        run, net, x, emit,
         tiles=tiles,
         factor=1 / factor if encoder else factor,
         ramp=overlap if encoder else overlap * factor,
@@ -581,7 +713,7 @@ def _tiled_vae(
 @torch.no_grad()
 def tiled_vae_encode(
     vae: AutoencoderKL,
-    image: torch.Tensor,
+    image: Source,
     *,
     tile: int = 64,
     overlap: int = 8,
@@ -591,25 +723,76 @@ def tiled_vae_encode(
     """Scaled VAE latent (mode of the posterior) of ``image`` in ``[-1, 1]``, tiled when the latent
     has more cells than :data:`UNTILED_TILES` tiles of ``tile`` latent cells square.
 
-    ``image``'s sides must be multiples of the VAE's scale factor; ``tile`` and ``overlap`` are
-    in latent cells; ``batch_size`` tiles per encoder forward, each encoded once (``None``:
+    ``image`` is a tensor or :class:`Regions` (read tile by tile: never whole when tiled); its
+    sides must be multiples of the VAE's scale factor; ``tile`` and ``overlap`` are in latent
+    cells; ``batch_size`` tiles per encoder forward, each encoded once (``None``:
     :func:`default_vae_batch`); ``statistics`` one of :data:`STATISTICS`.
     """
-    factor = vae_scale_factor(vae)
-    height, width = image.shape[-2] // factor, image.shape[-1] // factor
-    if _fits_untiled(height, width, tile=tile):
-        return _encode(vae, image)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return _encode(vae, x)
-
-    return _tiled_vae(
-        run, vae.encoder, image, tile=tile, overlap=overlap, factor=factor, encoder=True,
-        batch_size=batch_size, statistics=statistics,
+    return tiled_encode(
+        lambda x: _encode(vae, x), vae.encoder, image, factor=vae_scale_factor(vae), tile=tile,
+        overlap=overlap, batch_size=batch_size, statistics=statistics,
     )  # fmt: skip
 
 
 @torch.no_grad()
+def tiled_encode(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    net: nn.Module,
+    image: Source,
+    *,
+    factor: int,
+    tile: int = 64,
+    overlap: int = 8,
+    batch_size: int | None = None,
+    statistics: str = "mosaic",
+) -> torch.Tensor:
+    """``run(image)`` for an encoder that downsamples ``factor`` times with the VAE encoder's
+    GroupNorms (``net``): the VAE encoder itself, or SpaSemSR's image encoder started from it;
+    tiled as :func:`tiled_vae_encode` says."""
+    source = as_regions(image)
+    height, width = source.height // factor, source.width // factor
+    if _fits_untiled(height, width, tile=tile):
+        return run(source.whole())
+
+    def stream(emit: Emit) -> None:
+        _tiled_vae(
+            run, net, source, emit, tile=tile, overlap=overlap, factor=factor,
+            encoder=True, batch_size=batch_size, statistics=statistics,
+        )  # fmt: skip
+
+    return collect(stream)
+
+
+@torch.no_grad()
+def tiled_vae_decode_stream(
+    vae: AutoencoderKL,
+    latents: torch.Tensor,
+    emit: Emit,
+    *,
+    tile: int = 64,
+    overlap: int = 8,
+    batch_size: int | None = None,
+    statistics: str = "mosaic",
+) -> None:
+    """The image in ``[-1, 1]`` decoded from scaled ``latents``, handed to ``emit`` in bands of
+    finished rows (never whole when tiled), tiled when they have more cells than
+    :data:`UNTILED_TILES` tiles of ``tile`` cells square: ``batch_size`` tiles per decoder forward
+    (``None``: :func:`default_vae_batch`), each decoded once, GroupNorm statistics shared by all
+    tiles from ``statistics`` (one of :data:`STATISTICS`)."""
+    height, width = latents.shape[-2:]
+    if _fits_untiled(height, width, tile=tile):
+        emit(0, _decode(vae, latents))
+        return
+
+    def run(z: torch.Tensor) -> torch.Tensor:
+        return _decode(vae, z)
+
+    _tiled_vae(
+        run, vae.decoder, Regions.of(latents), emit, tile=tile, overlap=overlap,
+        factor=vae_scale_factor(vae), encoder=False, batch_size=batch_size, statistics=statistics,
+    )  # fmt: skip
+
+
 def tiled_vae_decode(
     vae: AutoencoderKL,
     latents: torch.Tensor,
@@ -619,18 +802,12 @@ def tiled_vae_decode(
     batch_size: int | None = None,
     statistics: str = "mosaic",
 ) -> torch.Tensor:
-    """Image in ``[-1, 1]`` decoded from scaled ``latents``, tiled when they have more cells than
-    :data:`UNTILED_TILES` tiles of ``tile`` cells square: ``batch_size`` tiles per decoder
-    forward (``None``: :func:`default_vae_batch`), each decoded once, GroupNorm statistics shared
-    by all tiles from ``statistics`` (one of :data:`STATISTICS`)."""
-    height, width = latents.shape[-2:]
-    if _fits_untiled(height, width, tile=tile):
-        return _decode(vae, latents)
+    """:func:`tiled_vae_decode_stream`'s whole image."""
 
-    def run(z: torch.Tensor) -> torch.Tensor:
-        return _decode(vae, z)
+    def stream(emit: Emit) -> None:
+        tiled_vae_decode_stream(
+            vae, latents, emit, tile=tile, overlap=overlap, batch_size=batch_size,
+            statistics=statistics,
+        )  # fmt: skip
 
-    return _tiled_vae(
-        run, vae.decoder, latents, tile=tile, overlap=overlap, factor=vae_scale_factor(vae),
-        encoder=False, batch_size=batch_size, statistics=statistics,
-    )  # fmt: skip
+    return collect(stream)

@@ -516,9 +516,12 @@ class SpaSemSRTrainable(nn.Module):
         low_res: torch.Tensor,
         text: torch.Tensor,
         spatial_text: torch.Tensor,
+        unet_text: torch.Tensor,
     ) -> dict[str, Any]:
         """ε prediction, the encoders' outputs and the heads' projections of the ControlNet's
-        embeddings (inside the forward, so that DDP synchronises the heads too)."""
+        embeddings (inside the forward, so that DDP synchronises the heads too). ``text``
+        (``T_deg``) conditions the ControlNet, ``unet_text`` the UNet's own cross-attention, as
+        in :meth:`SpaSemSRPipeline._forward`."""
         latent = self.image_encoder(low_res)
         height, width = latent.shape[-2:]
         semantic = semantic_features(self.semantic_encoder, low_res, size=(height, width))
@@ -531,7 +534,7 @@ class SpaSemSRTrainable(nn.Module):
             guidance=guidance,
         )
         noise_pred = unet_with_control(
-            self.unet, noisy_latents, timesteps, text=text, spatial_text=spatial_text,
+            self.unet, noisy_latents, timesteps, text=unet_text, spatial_text=spatial_text,
             control=control,
         )  # fmt: skip
         out: dict[str, Any] = {"noise_pred": noise_pred, "latent": latent, "semantic": semantic}
@@ -726,21 +729,28 @@ class SpaSemSRTrainer:
     @torch.no_grad()
     def _encode_text(
         self, captions: Sequence[str], batch: dict[str, Any], keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``T_deg`` (the kept captions in one encoder pass) and ``T_spa`` per sample; dropped
-        samples get the empty prompt for both."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``T_deg`` (the kept captions in one encoder pass), ``T_spa`` and the UNet's text per
+        sample (the sample's tag prompt, or ``T_deg``, as the pipeline's ``unet_prompt`` says);
+        dropped samples get the empty prompt for all three."""
         null = self.text.encode("")
         kept = [index for index in range(len(captions)) if bool(keep[index])]
         texts = null.repeat(len(captions), 1, 1)
         if kept:
             texts[kept] = self.text.encode_many([captions[index] for index in kept])
-        spatials = [
-            self.text.encode_spatial(batch["tags"][index], batch["boxes"][index])
+        pairs = [
+            self.text.encode_spatial_and_tags(batch["tags"][index], batch["boxes"][index])
             if index in kept
-            else null
+            else (null, null)
             for index in range(len(captions))
         ]
-        return texts.to(self.weight_dtype), torch.cat(spatials).to(self.weight_dtype)
+        spatials = torch.cat([spatial for spatial, _ in pairs])
+        if self.pipeline.config["unet_prompt"] == "caption":
+            unet_texts = texts.clone()
+        else:
+            unet_texts = torch.cat([tags for _, tags in pairs])
+        dtype = self.weight_dtype
+        return texts.to(dtype), spatials.to(dtype), unet_texts.to(dtype)
 
     def captions(self, lr: torch.Tensor, batch: dict[str, Any]) -> list[str]:
         """The degradation-aware caption of each synthesised LR (module docstring)."""
@@ -785,7 +795,7 @@ class SpaSemSRTrainer:
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             keep = torch.rand(size, generator=generator, device=generator.device)
             keep = keep >= config.null_prompt_ratio
-            text, spatial_text = self._encode_text(captions, batch, keep.cpu())
+            text, spatial_text, unet_text = self._encode_text(captions, batch, keep.cpu())
             if self.noise_scheduler.config["prediction_type"] == "v_prediction":
                 target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
             else:
@@ -796,6 +806,7 @@ class SpaSemSRTrainer:
             low_res=low_res,
             text=text,
             spatial_text=spatial_text,
+            unet_text=unet_text,
         )
         terms = {"diffusion": F.mse_loss(out["noise_pred"].float(), target.float())}
         total = terms["diffusion"]
@@ -836,9 +847,10 @@ class SpaSemSRTrainer:
         The first time the base pipeline folder is copied (or, for a pipeline built in memory,
         the whole pipeline saved), so the frozen parts keep their original files and precision;
         then only the trained blocks are replaced, each written beside its folder and renamed
-        into place, and ``model_index.json`` is marked trained. Beside the blocks go the
-        projection heads (``semdeg_heads/``) and, once, the frozen SAM target (``sam_target/``),
-        so that fine-tuning this folder later aims at SAM, not at its trained semantic encoder.
+        into place, and ``model_index.json`` is marked trained (with its ``unet_prompt``). Beside
+        the blocks go the projection heads (``semdeg_heads/``) and, once, the frozen SAM target
+        (``sam_target/``), so that fine-tuning this folder later aims at SAM, not at its trained
+        semantic encoder.
         """
         pipeline = self.pipeline
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -861,6 +873,8 @@ class SpaSemSRTrainer:
         index_file = directory / "model_index.json"
         index = json.loads(index_file.read_text())
         index["trained"] = True
+        # the text routing it was trained with, even when the copied base folder predates it
+        index["unet_prompt"] = pipeline.config["unet_prompt"]
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return directory
 

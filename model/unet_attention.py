@@ -212,6 +212,9 @@ def unet_with_control(
 ) -> torch.Tensor:
     """The UNet step of arXiv 2603.14112 Fig. 2(d): ε prediction with the ControlNet's residuals
     in the skips and middle, ``T_spa`` and the spatial-semantic embeddings in the added attention.
+
+    ``text`` is what the frozen UNet's own cross-attention reads: the semantic (tag) prompt as
+    Figure 2 routes it, or ``T_deg`` (the pipeline's ``unet_prompt``).
     """
     noise: torch.Tensor = unet(
         sample,

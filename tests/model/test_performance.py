@@ -133,12 +133,10 @@ def test_tiles_are_batched_by_shape() -> None:
     pipeline.performance = PerformanceSettings(tile_batch_size=4)
     from model.pipeline import _TileConditioning
 
-    conditions = [
-        _TileConditioning(tile, torch.zeros(2, 5, 8), torch.zeros(2, 1), None) for tile in tiles
-    ]
+    conditions = [_TileConditioning(tile, 0, (tile.height, tile.width), None) for tile in tiles]
     batches = pipeline._tile_batches(conditions)
-    assert [len(batch) for batch in batches] == [4, 4, 1]
-    assert [c.tile for batch in batches for c in batch] == tiles
+    assert [len(batch.tiles) for batch in batches] == [4, 4, 1]
+    assert [tile for batch in batches for tile in batch.tiles] == tiles
 
 
 def test_presets_and_validation() -> None:

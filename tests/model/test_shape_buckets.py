@@ -70,13 +70,10 @@ def test_batch_sizes_come_from_a_fixed_set() -> None:
 @pytest.mark.parametrize(("count", "sizes"), [(25, [8, 8, 8, 1]), (7, [4, 2, 1]), (9, [8, 1])])
 def test_tiles_split_into_served_batch_sizes(count: int, sizes: list[int]) -> None:
     pipeline = _bucketed(tile_batch_size=8)
-    conditions = [
-        _TileConditioning(Tile(0, i, 8, 8), torch.zeros(2, 5, 8), torch.zeros(1, 3, 16, 16), None)
-        for i in range(count)
-    ]
+    conditions = [_TileConditioning(Tile(0, i, 8, 8), 0, (16, 16), None) for i in range(count)]
     batches = pipeline._tile_batches(conditions)
-    assert [len(batch) for batch in batches] == sizes
-    assert [c.tile for batch in batches for c in batch] == [c.tile for c in conditions]
+    assert [len(batch.tiles) for batch in batches] == sizes
+    assert [tile for batch in batches for tile in batch.tiles] == [c.tile for c in conditions]
 
 
 def test_reflect_padding_mirrors_and_keeps_the_tile() -> None:
