@@ -17,7 +17,7 @@ COPY core ./core
 COPY app ./app
 COPY cli ./cli
 # The CLI reads the training config (plain dataclasses) for train's options; model/ is a stub.
-COPY model/training_config.py ./model/training_config.py
+COPY model/training/__init__.py model/training/config.py ./model/training/
 # The Python client is its own distribution (client/pyproject.toml); the CLI imports it.
 COPY client ./client
 # The API needs only the base dependencies: the model and worker packages are empty stubs so

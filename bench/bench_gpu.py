@@ -12,11 +12,11 @@ The subject is the pipeline with random weights (speed does not depend on weight
 ``sd2`` configuration (SD-2-base UNet and VAE, OpenCLIP-H text tower, SAM ViT-B, the ControlNet
 and attention additions) with the full-size grounder (DRM, CLIP tagger, Grounding DINO), or both
 at ``tiny`` size (``--tiny``: tiny, CPU, 3 repeats). Each job runs as the worker runs it
-(:class:`model.spasemsr.SpaSemSRUpscaler`): grounding, text and visual encoders, 20 denoising
-steps with classifier-free guidance, tiled VAE decode. Two cases: ``small`` (tile/4 input, x4:
-128² -> 512² for sd2) and ``large`` (tile-size input, x4, tiled: 512² -> 2048² for sd2).
+(:class:`model.upscalers.spasemsr.SpaSemSRUpscaler`): grounding, text and visual encoders, 20
+denoising steps with classifier-free guidance, tiled VAE decode. Two cases: ``small`` (tile/4 input,
+x4: 128² -> 512² for sd2) and ``large`` (tile-size input, x4, tiled: 512² -> 2048² for sd2).
 
-Settings comparison (the default): for each :class:`model.performance.PerformanceSettings`
+Settings comparison (the default): for each :class:`model.pipeline.performance.PerformanceSettings`
 preset, the warm-up (build and load, then the worker's own warm-up with compilation and
 CUDA-graph capture, then the first job of each case), then the median of ``--repeats`` jobs per
 stage, timed with CUDA events recorded from the progress callback (``time.perf_counter`` on
@@ -75,17 +75,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.jobs import ImageFormat  # noqa: E402
-from model.configs import CONFIGURATIONS, build_pipeline  # noqa: E402
-from model.performance import (  # noqa: E402
+from model.configs.spasemsr import CONFIGURATIONS, build_pipeline  # noqa: E402
+from model.pipeline.performance import (  # noqa: E402
     PerformanceSettings,
     apply_performance,
     attention_context,
     count_flops,
     relative_error,
 )
-from model.prompt import Grounder  # noqa: E402
-from model.spasemsr import SpaSemSRUpscaler  # noqa: E402
-from model.upscaler import UpscaleOptions  # noqa: E402
+from model.pipeline.prompt import Grounder  # noqa: E402
+from model.upscalers.base import UpscaleOptions  # noqa: E402
+from model.upscalers.spasemsr import SpaSemSRUpscaler  # noqa: E402
 
 STAGES = ("grounding", "encode", "denoise", "decode")
 GiB = 1024**3
@@ -219,7 +219,7 @@ def test_image(size: int, seed: int = 0) -> Image.Image:
 def build_grounder(config: str, device: torch.device) -> Grounder | None:
     """The grounder of ``config``'s size on ``device`` in fp32 (as the worker loads it)."""
     try:
-        from model.grounding import configs as grounding_configs
+        from model.configs import grounding as grounding_configs
     except ImportError:
         return None
     grounder: Any = (
@@ -372,9 +372,9 @@ def meta_stage_flops(config: str, cases: list[Case], *, steps: int) -> dict[str,
     """FLOPs per pipeline stage from shapes alone: the configuration built on the ``meta`` device
     (no weights, no arithmetic), each stage's own functions run on meta tensors. Grounding is left
     out (its preprocessing needs real pixels); CFG on, the default prompt (one tag set)."""
-    from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs
-    from model.pipeline import _Upsampled
-    from model.tiling import tiled_vae_decode, tiled_vae_encode
+    from model.blocks.attention import INPUTS_KEY, SpaSemSRAttentionInputs
+    from model.pipeline.diffusion import _Upsampled
+    from model.pipeline.tiling import tiled_vae_decode, tiled_vae_encode
 
     meta = torch.device("meta")
     with meta:
@@ -458,7 +458,7 @@ def reference_tiled_vae_decode(
     statistics summing each GroupNorm input in float64 over the region the tile owns, then every
     tile again), the shared GroupNorm in Python in float32 through reshapes that drop
     channels-last."""
-    from model.tiling import feather_weights, owned_regions, tile_grid
+    from model.pipeline.tiling import feather_weights, owned_regions, tile_grid
 
     scale = vae.config["scaling_factor"]
 
@@ -537,7 +537,12 @@ def _downsampled_tiled_vae_decode(
     """The estimate issue 17 suggested and this change rejected: statistics from one run on the
     latent area-averaged down to a tile (measured here to show why: fine detail is averaged away,
     variances come out too small, and detailed latents blow up)."""
-    from model.tiling import default_vae_batch, recorded_group_norm_stats, tile_grid, tiled_apply
+    from model.pipeline.tiling import (
+        default_vae_batch,
+        recorded_group_norm_stats,
+        tile_grid,
+        tiled_apply,
+    )
 
     scale = vae.config["scaling_factor"]
 
@@ -569,7 +574,7 @@ def vae_benchmark(args: argparse.Namespace) -> str:
     each output's mean absolute difference from the untiled decode."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-    from model.tiling import default_vae_batch, tiled_vae_decode
+    from model.pipeline.tiling import default_vae_batch, tiled_vae_decode
 
     device = torch.device(args.device)
     preset = PerformanceSettings.optimised(device)

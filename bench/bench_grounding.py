@@ -27,8 +27,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.grounding import SpaSemSRGrounder, build_tiny_grounder  # noqa: E402
-from model.grounding.configs import build_full_size_grounder  # noqa: E402
+from model.configs.grounding import (  # noqa: E402
+    build_full_size_grounder,
+    build_tiny_grounder,
+)
+from model.grounding import SpaSemSRGrounder  # noqa: E402
 from model.grounding.grounder import STAGES  # noqa: E402
 
 

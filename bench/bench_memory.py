@@ -4,7 +4,7 @@
     python bench/bench_memory.py --sides 512,1024 --device cuda
 
 Each case runs in a fresh process, so that no peak carries over from an earlier one: it builds the
-``tiny`` pipeline (``model.configs.TINY``) with the worker's loop settings for the device
+``tiny`` pipeline (``model.configs.spasemsr.TINY``) with the worker's loop settings for the device
 (:meth:`PerformanceSettings.optimised`, without compilation), runs a small job (the allocator,
 lazy initialisation), takes that as the baseline, then runs one job of ``side/4`` px at x4. The
 peak is the resident set's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``;
@@ -13,9 +13,9 @@ the figure is peak minus baseline. On CPU the children run with glibc's ``mmap``
 at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): freed buffers then go back to the system at once, so the
 resident set follows what the job holds rather than what the allocator kept from an earlier phase
 (``--malloc default`` keeps glibc's adaptive threshold). ``VAE alone`` runs the same process
-with only the tiled VAE encode and decode of that size (``model.tiling``), as the job runs them:
-the encoder reads random pixels region by region (:class:`model.tiling.Regions`), the decoder
-hands its bands of rows to a consumer that drops them.
+with only the tiled VAE encode and decode of that size (``model.pipeline.tiling``), as the job runs
+them: the encoder reads random pixels region by region (:class:`model.pipeline.tiling.Regions`), the
+decoder hands its bands of rows to a consumer that drops them.
 
 Goal (issue 17): the 4096² job within 1.5x of the 1024² one.
 """
@@ -101,9 +101,9 @@ def child(side: int, *, tile: int, steps: int, device: str, vae_only: bool) -> d
     from PIL import Image
 
     sys.path.insert(0, str(ROOT))
-    from model.configs import build_tiny_pipeline
-    from model.performance import PerformanceSettings, apply_performance
-    from model.tiling import Regions, tiled_vae_decode_stream, tiled_vae_encode
+    from model.configs.spasemsr import build_tiny_pipeline
+    from model.pipeline.performance import PerformanceSettings, apply_performance
+    from model.pipeline.tiling import Regions, tiled_vae_decode_stream, tiled_vae_encode
 
     pipeline = build_tiny_pipeline(seed=0).to(device)
     settings = PerformanceSettings.optimised(device)

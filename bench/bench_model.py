@@ -35,10 +35,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs  # noqa: E402
-from model.configs import SD2, build_tiny_pipeline  # noqa: E402
-from model.controlnet import SpatialSemanticControlNet  # noqa: E402
-from model.unet_attention import SpaSemSRUNetAttention  # noqa: E402
+from model.blocks.attention import INPUTS_KEY, SpaSemSRAttentionInputs  # noqa: E402
+from model.blocks.controlnet import SpatialSemanticControlNet  # noqa: E402
+from model.blocks.unet_attention import SpaSemSRUNetAttention  # noqa: E402
+from model.configs.spasemsr import SD2, build_tiny_pipeline  # noqa: E402
 
 STAGES = ("text", "vae_encode", "guidance", "denoise", "decode")
 
@@ -120,7 +120,7 @@ def bench_sd2(device: str) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, SamVisionConfig, SamVisionModel
 
-    from model.encoders import ImageEncoder
+    from model.blocks.encoders import ImageEncoder
 
     print("\n## sd2 configuration, random weights\n")
     with torch.device("meta"):

@@ -53,9 +53,9 @@ def run_case(args: argparse.Namespace) -> None:
     import torch
     from PIL import Image
 
-    from model.photo_eval import load_photo
-    from model.realesrgan import RealESRGANUpscaler
-    from model.upscaler import UpscaleOptions
+    from model.evaluation.photos import load_photo
+    from model.upscalers.base import UpscaleOptions
+    from model.upscalers.realesrgan import RealESRGANUpscaler
 
     torch.set_num_threads(args.threads)
     name, side = {**CASES, **LARGE_CASES}[args.case]
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     cases = list(CASES) + (list(LARGE_CASES) if args.large else [])
     if args.only:
         cases = [case for case in cases if case in args.only]
-    from model.realesrgan import ensure_converted
+    from model.upscalers.realesrgan import ensure_converted
 
     for model in dict.fromkeys({**CASES, **LARGE_CASES}[case][0] for case in cases):
         ensure_converted(model, args.cache_root)  # first use converts: not part of any case

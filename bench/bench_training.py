@@ -4,7 +4,7 @@
     python bench/bench_training.py --resolution 128 --batch-size 8 --threads 2
     python bench/bench_training.py --steps 200 --learning-rate 1e-3 --warmup-steps 0 --curve c.csv
 
-Runs :func:`model.training.train` end to end on generated HR images (no grounder: generic
+Runs :func:`model.training.trainer.train` end to end on generated HR images (no grounder: generic
 prompts; each LR's caption measured from it; no checkpoint until the last step) and reports
 optimiser steps per second over the measured steps (after ``--warmup`` steps), the parameter
 split (trained / frozen), the peak resident memory of the process (sampled with psutil) above
@@ -30,9 +30,9 @@ import psutil
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.training import train
-from model.training_config import TrainingConfig
+from model.configs.spasemsr import build_tiny_pipeline
+from model.training.config import TrainingConfig
+from model.training.trainer import train
 
 
 class PeakRss:

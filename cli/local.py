@@ -24,7 +24,7 @@ from core.models import ModelName
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from model.upscaler import ModelCard, UpscaleResult
+    from model.upscalers.base import ModelCard, UpscaleResult
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def upscale_file(
 ) -> LocalRun:
     """Upscale ``source`` into ``target`` with ``model``; the output size, the upscaler's result
     and the model's card."""
-    from model.upscaler import UpscaleOptions
+    from model.upscalers.base import UpscaleOptions
     from worker import imaging
     from worker.engine import load_upscaler
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from model.evaluation import EvaluationReport, UpscaleFn
+    from model.evaluation.benchmark import EvaluationReport, UpscaleFn
 
 
 def evaluate_folders(
@@ -26,8 +26,8 @@ def evaluate_folders(
     lpips_linear: Path | None,
 ) -> EvaluationReport:
     """The protocol of docs/design.md 1.5 over data-set folders, the baselines beside SpaSemSR."""
-    from model.evaluation import evaluate
-    from model.metrics import LearnedMetricPaths
+    from model.evaluation.benchmark import evaluate
+    from model.evaluation.metrics import LearnedMetricPaths
 
     return evaluate(
         datasets,
@@ -53,7 +53,7 @@ def evaluate_bundled_photos(
     """Real photographs bundled with scikit-image, degraded with the project's Real-ESRGAN
     degradation at a fixed seed: bicubic, Lanczos, Real-ESRGAN x4plus and SpaSemSR, with a
     side-by-side figure."""
-    from model.photo_eval import PHOTOS, evaluate_photos
+    from model.evaluation.photos import PHOTOS, evaluate_photos
 
     unknown = sorted(set(photos or ()) - set(PHOTOS))
     if unknown:  # before any model is loaded
@@ -76,7 +76,7 @@ def served_upscalers(
     worker loads them (own weights from ``SPASEMSR_MODEL__WEIGHTS`` / ``__PATH`` included);
     a row of untrained weights says so in its name."""
     from core.models import ModelName
-    from model.evaluation import upscale_fn
+    from model.evaluation.benchmark import upscale_fn
     from worker.engine import load_upscaler
 
     esrgan = load_upscaler(settings, ModelName.REALESRGAN_X4PLUS)
@@ -99,7 +99,7 @@ def assemble_weights(
 ) -> Path:
     """A full-size pipeline folder from SD2 + SAM component folders and trained blocks (or
     freshly initialised ones, marked untrained)."""
-    from model.assemble import assemble_pipeline
+    from model.configs.assemble import assemble_pipeline
 
     return assemble_pipeline(
         output,

@@ -41,7 +41,7 @@ class WorkerState(StrEnum):
 
 
 class ModelInfo(BaseModel):
-    """A model a worker serves (mirrors ``model.upscaler.ModelCard`` without importing the
+    """A model a worker serves (mirrors ``model.upscalers.base.ModelCard`` without importing the
     model package)."""
 
     name: ModelName

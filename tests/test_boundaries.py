@@ -67,9 +67,37 @@ def test_the_client_needs_only_httpx_and_pydantic() -> None:
     assert not {"torch", "redis", "rq", "fastapi", "boto3"} & loaded
 
 
+_IMPORT_WALKED = """
+import importlib, json, pkgutil, sys
+for name in {modules!r}:
+    module = importlib.import_module(name)
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), name + "."):
+        if info.name.rsplit(".", 1)[-1] != "__main__":
+            importlib.import_module(info.name)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _modules_after_walking(*modules: str) -> set[str]:
+    """Every module loaded (full names) after importing ``modules`` and, for packages, all of
+    their submodules, in a fresh interpreter."""
+    completed = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WALKED.format(modules=list(modules))],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    return set(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def _within(loaded: set[str], *packages: str) -> set[str]:
+    return {name for name in loaded if any(name == p or name.startswith(p + ".") for p in packages)}
+
+
 def test_the_worker_never_imports_the_api() -> None:
     loaded = _top_level_modules_after("worker.main", "worker.tasks", "worker.healthcheck")
     assert not {"app", "fastapi", "starlette", "uvicorn"} & loaded
+    # Nor does any other module of the package.
+    everything = {name.split(".")[0] for name in _modules_after_walking("worker")}
+    assert not {"app", "fastapi", "starlette", "uvicorn"} & everything
 
 
 def test_the_command_line_loads_torch_only_in_commands_that_run_a_model() -> None:
@@ -79,17 +107,15 @@ def test_the_command_line_loads_torch_only_in_commands_that_run_a_model() -> Non
     loaded = _top_level_modules_after("cli.main", "cli.commands.remote", "cli.commands.processes")
     assert not {"torch", "diffusers", "transformers"} & loaded
 
+    # The remote commands, once more in full: no model code beyond that config, and no torch.
+    remote = _modules_after_walking("cli.commands.remote", "cli.remote")
+    assert not _within(remote, "torch", "diffusers", "transformers")
+    assert _within(remote, "model") <= {"model", "model.training", "model.training.config"}
+
 
 def test_serving_code_imports_no_training_or_evaluation() -> None:
-    script = (
-        "import json, sys\n"
-        "import worker.engine, worker.tasks, model.pipeline, model.spasemsr\n"
-        "import model.realesrgan.upscaler, model.lanczos\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+    # Every module of the serving packages, and the worker's job path, in one interpreter.
+    loaded = _modules_after_walking(
+        "model.blocks", "model.pipeline", "model.upscalers", "worker.engine", "worker.tasks"
     )
-    completed = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True,
-        timeout=300,
-    )  # fmt: skip
-    loaded = set(json.loads(completed.stdout.strip().splitlines()[-1]))
-    assert not {"model.training", "model.evaluation", "model.photo_eval"} & loaded
+    assert not _within(loaded, "model.training", "model.evaluation")

@@ -14,8 +14,9 @@ import spasemsr_client.models as client_models
 import core.jobs as contract
 from app.schemas import JobCreate
 from core.models import ModelName
-from model import color, pipeline
-from model import upscaler as model_upscaler
+from model.pipeline import color
+from model.pipeline import diffusion as pipeline
+from model.upscalers import base as model_upscaler
 
 
 def test_the_clients_choices_are_the_contracts() -> None:

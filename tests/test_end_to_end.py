@@ -162,7 +162,7 @@ def spasemsr_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servi
 
 def test_a_photo_with_no_parameters_gets_a_real_result(spasemsr_service: ServiceProcesses) -> None:
     """The first thing a new user does: a real photograph, nothing but the image."""
-    from model.photo_eval import load_photo
+    from model.evaluation.photos import load_photo
 
     original = load_photo("chelsea")  # scikit-image's cat, 451 x 300
     small = original.resize(

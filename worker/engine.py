@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 from core.models import ModelName, worker_models
 from core.settings import Settings
-from model.lanczos import LanczosUpscaler
-from model.prompt import Grounder
-from model.upscaler import Upscaler
+from model.pipeline.prompt import Grounder
+from model.upscalers.base import Upscaler
+from model.upscalers.lanczos import LanczosUpscaler
 
 if TYPE_CHECKING:
     import torch
 
-    from model.performance import PerformanceSettings
+    from model.pipeline.performance import PerformanceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_upscaler(settings: Settings, name: ModelName) -> Upscaler:
 
 
 def _load_realesrgan(settings: Settings, name: ModelName) -> Upscaler:
-    from model.realesrgan import RealESRGANUpscaler
+    from model.upscalers.realesrgan import RealESRGANUpscaler
 
     device = _prepare_device(settings)
     own = settings.model.weights.get(name)
@@ -90,8 +90,8 @@ def _dtype(settings: Settings) -> torch.dtype:
 
 def _load_spasemsr(settings: Settings) -> Upscaler:
 
-    from model.configs import ensure_demo_pipeline
-    from model.spasemsr import SpaSemSRUpscaler
+    from model.configs.spasemsr import ensure_demo_pipeline
+    from model.upscalers.spasemsr import SpaSemSRUpscaler
 
     device = _prepare_device(settings)
     dtype = _dtype(settings)
@@ -117,7 +117,7 @@ def _performance(settings: Settings, device: str) -> PerformanceSettings | None:
 
     import torch
 
-    from model.performance import DTYPES, PerformanceSettings
+    from model.pipeline.performance import DTYPES, PerformanceSettings
 
     if settings.model.optimise == "off" or torch.device(device).type != "cuda":
         return None
@@ -131,7 +131,8 @@ def _performance(settings: Settings, device: str) -> PerformanceSettings | None:
 
 
 def _load_grounder(settings: Settings, device: str, dtype: torch.dtype) -> Grounder:
-    from model.grounding import SpaSemSRGrounder, ensure_demo_grounder
+    from model.configs.grounding import ensure_demo_grounder
+    from model.grounding import SpaSemSRGrounder
 
     path = settings.model.grounder_path or ensure_demo_grounder(
         settings.var_dir / "models" / "grounder-tiny"

@@ -35,7 +35,7 @@ from core.models import ALL_MODELS, ModelName
 from core.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from model.upscaler import ModelCard
+    from model.upscalers.base import ModelCard
 
 logger = logging.getLogger(__name__)
 

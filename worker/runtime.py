@@ -27,7 +27,7 @@ from core.recovery import JobRecovery
 from core.settings import Settings
 from core.storage import ObjectStorage
 from core.workers import ModelInfo, WorkerInfo, WorkerRegistry, WorkerState
-from model.upscaler import ModelCard, Upscaler
+from model.upscalers.base import ModelCard, Upscaler
 
 logger = logging.getLogger(__name__)
 

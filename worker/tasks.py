@@ -26,7 +26,7 @@ from core.errors import (
 from core.jobs import ImageInfo, JobErrorInfo, JobPayload, JobStatus, utcnow
 from core.recovery import expire_if_stale, storage_deadline_error, storage_wait_seconds
 from core.redis_conn import wait_for_redis
-from model.upscaler import UpscaleOptions
+from model.upscalers.base import UpscaleOptions
 from worker import devices, imaging
 from worker.metrics import current_metrics
 from worker.runtime import WorkerRuntime, current_runtime

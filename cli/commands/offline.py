@@ -27,7 +27,7 @@ from cli.options import (
     job_options,
 )
 from core.models import ModelName
-from model.training_config import TrainingConfig
+from model.training.config import TrainingConfig
 
 # --- without a service -------------------------------------------------------------------
 
@@ -309,7 +309,7 @@ def train(
     **hyper_parameters: Any,
 ) -> None:
     """Train SpaSemSR's blocks on HR images (accelerate: `accelerate launch -m cli.main train`)."""
-    from model.training import train as run_training
+    from model.training.trainer import train as run_training
 
     configure_logging(verbose)
     try:

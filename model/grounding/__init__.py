@@ -1,10 +1,10 @@
 """The grounding stage (DESIGN 1.1-1.3): DRM, tagger, detector and degradation-aware caption.
 
-``SpaSemSRGrounder`` implements ``model.prompt.Grounder``; ``build_tiny_grounder`` and
-``ensure_demo_grounder`` give the seeded toy version used by tests and the embedded demo.
+``SpaSemSRGrounder`` implements ``model.pipeline.prompt.Grounder``; the seeded toy version
+used by tests and the embedded demo is built by ``model.configs.grounding``
+(``build_tiny_grounder``, ``ensure_demo_grounder``).
 """
 
-from .configs import build_tiny_box_masker, build_tiny_grounder, ensure_demo_grounder
 from .degradation import CaptionThresholds, DegradationEstimates, estimate_degradations
 from .detector import DetectorSettings, GroundingDinoDetector
 from .drm import RRDBNet, tiled_forward
@@ -24,9 +24,6 @@ __all__ = [
     "SpaSemSRGrounder",
     "TagVocabulary",
     "TaggerSettings",
-    "build_tiny_box_masker",
-    "build_tiny_grounder",
-    "ensure_demo_grounder",
     "estimate_degradations",
     "tiled_forward",
 ]

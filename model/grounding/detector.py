@@ -20,7 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..prompt import Box
+from model.pipeline.prompt import Box
+
 from .modules import device_of, dtype_of, frozen
 from .nms import batched_nms, center_to_corners, normalize_boxes
 

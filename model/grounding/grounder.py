@@ -52,7 +52,8 @@ from transformers import (
     GroundingDinoImageProcessorPil,
 )
 
-from ..prompt import Box, GroundedPrompt, GroundingResult, Mask
+from model.pipeline.prompt import Box, GroundedPrompt, GroundingResult, Mask
+
 from .captioner import BlipCaptioner, Captioner, TemplateCaptioner
 from .degradation import CaptionThresholds, estimate_degradations, scene_phrase
 from .detector import Detection, DetectorSettings, GroundingDinoDetector

@@ -18,7 +18,8 @@ from PIL import Image
 from torch.nn.functional import interpolate
 from transformers import SamImageProcessorPil, SamModel, SamProcessor
 
-from ..prompt import Box, Mask
+from model.pipeline.prompt import Box, Mask
+
 from .modules import device_of, dtype_of, frozen
 
 logger = logging.getLogger(__name__)

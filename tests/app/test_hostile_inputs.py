@@ -27,7 +27,7 @@ from core.records import JobStore
 from core.settings import Settings
 from core.storage import LocalStorage
 from core.workers import WorkerRegistry
-from model.lanczos import LanczosUpscaler
+from model.upscalers.lanczos import LanczosUpscaler
 from tests.conftest import encode, png_bytes, start_service
 from worker.runtime import WorkerRuntime
 from worker.tasks import JobRunner

@@ -233,7 +233,8 @@ def test_upscale_locally_with_lanczos(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("model.spasemsr") is None, reason="model/spasemsr.py not present"
+    importlib.util.find_spec("model.upscalers.spasemsr") is None,
+    reason="model/upscalers/spasemsr.py not present",
 )
 def test_upscale_locally_with_the_tiny_spasemsr_pipeline(tmp_path: Path) -> None:
     """Builds the tiny untrained demo pipeline under ``tmp_path/var`` first (tens of seconds)."""

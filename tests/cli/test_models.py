@@ -22,7 +22,7 @@ from cli.display import LineReporter, Tracked, job_warnings, model_text
 from cli.remote import job_lines, model_rows, model_warnings
 from core.models import ModelName
 from core.settings import Settings
-from model.lanczos import LanczosUpscaler
+from model.upscalers.lanczos import LanczosUpscaler
 from tests.cli.test_cli import spasemsr
 from tests.conftest import ServiceProcesses, png_bytes
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from model.evaluation import make_synthetic_dataset
+from tests.model.builders import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from cli.main import app
-from model.training_config import TrainingConfig
+from model.training.config import TrainingConfig
 
 
 def _train_options() -> dict[str, Any]:

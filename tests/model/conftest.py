@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.configs import build_tiny_pipeline, ensure_demo_pipeline
-from model.pipeline import SpaSemSRPipeline
+from model.configs.spasemsr import build_tiny_pipeline, ensure_demo_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
 
 
 @pytest.fixture(scope="session")

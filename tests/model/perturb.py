@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from model.pipeline import SpaSemSRPipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
 
 TRAINED_BLOCKS = ("controlnet", "unet_attention", "image_encoder", "semantic_encoder")
 ZERO_SCALE = 0.05

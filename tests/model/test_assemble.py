@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from transformers import SamConfig, SamModel
 
-from model.assemble import assemble_pipeline
-from model.configs import TINY
-from model.pipeline import SpaSemSRPipeline
-from model.spasemsr import SpaSemSRUpscaler
-from model.upscaler import UpscaleOptions
+from model.configs.assemble import assemble_pipeline
+from model.configs.spasemsr import TINY
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.spasemsr import SpaSemSRUpscaler
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.color import adain_color_fix, apply_color_fix, wavelet_color_fix, wavelet_decomposition
+from model.pipeline.color import (
+    adain_color_fix,
+    apply_color_fix,
+    wavelet_color_fix,
+    wavelet_decomposition,
+)
 
 KERNEL = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 16
 

@@ -1,4 +1,5 @@
-"""Tests of the Real-ESRGAN degradation model (model/degradations.py) on small generated images."""
+"""Tests of the Real-ESRGAN degradation model (model/training/degradations.py) on small generated
+images."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.degradations import (
+from model.training.degradations import (
     FIRST_ORDER_DEFAULTS,
     MAX_KERNEL_SIZE,
     SECOND_ORDER_DEFAULTS,

@@ -1,4 +1,4 @@
-"""Tests of the evaluation protocol (model/evaluation.py) on generated data sets."""
+"""Tests of the evaluation protocol (model/evaluation/benchmark.py) on generated data sets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.evaluation import (
+from model.evaluation.benchmark import (
     PAPER_RESULTS,
     EvalDataset,
     ImagePair,
@@ -22,15 +22,14 @@ from model.evaluation import (
     evaluate,
     lanczos_upscale,
     make_degraded_patch_set,
-    make_synthetic_dataset,
     paper_rows,
     render_markdown,
-    synthetic_image,
     upscale_fn,
     write_tables,
 )
-from model.lanczos import LanczosUpscaler
-from model.metrics import LPIPS, LPIPSNetwork, MetricStatus, psnr, ssim
+from model.evaluation.metrics import LPIPS, LPIPSNetwork, MetricStatus, psnr, ssim
+from model.upscalers.lanczos import LanczosUpscaler
+from tests.model.builders import make_synthetic_dataset, synthetic_image
 
 SMALL = (64, 48)  # HR size of the generated sets: LR 16 x 12
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.encoders import visual_guidance
-from model.pipeline import SpaSemSRPipeline
-from model.position import FourierPositionEncoder
-from model.prompt import GroundedPrompt
-from model.text import box_embeddings_at_token_scale
-from model.unet_attention import unet_with_control
+from model.blocks.encoders import visual_guidance
+from model.blocks.position import FourierPositionEncoder
+from model.blocks.text import box_embeddings_at_token_scale
+from model.blocks.unet_attention import unet_with_control
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.prompt import GroundedPrompt
 from tests.model.perturb import TRAINED_BLOCKS, perturb_trained_blocks
 
 PROMPT = GroundedPrompt(

@@ -1,6 +1,6 @@
-"""Flat memory (:mod:`model.pipeline`): the full-resolution work is streamed region by region into
-an output allocated once, with the whole-image results, and a job's peak memory above the loaded
-model grows far slower than its output.
+"""Flat memory (:mod:`model.pipeline.diffusion`): the full-resolution work is streamed region by
+region into an output allocated once, with the whole-image results, and a job's peak memory above
+the loaded model grows far slower than its output.
 
 The peaks are measured by ``bench/bench_memory.py`` in fresh processes (a peak cannot carry over
 from another case or test). The bounds are generous: four times the pixels must cost less than
@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from model.color import apply_color_fix
-from model.pipeline import OUTPUT_REGION, _Output, _Upsampled, stream_output
+from model.pipeline.color import apply_color_fix
+from model.pipeline.diffusion import OUTPUT_REGION, _Output, _Upsampled, stream_output
 
 ROOT = Path(__file__).resolve().parents[2]
 

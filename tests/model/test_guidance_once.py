@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.encoders import encode_semantic_map, semantic_features
-from model.photo_eval import load_photo
-from model.pipeline import SpaSemSRPipeline, _Upsampled, cell_fractions
+from model.blocks.encoders import encode_semantic_map, semantic_features
+from model.configs.spasemsr import build_tiny_pipeline
+from model.evaluation.photos import load_photo
+from model.pipeline.diffusion import SpaSemSRPipeline, _Upsampled, cell_fractions
 
 
 def photo(side: int) -> Image.Image:

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from model.metrics import (
+from model.configs.tiny_tokenizer import write_tiny_clip_tokenizer
+from model.evaluation.metrics import (
     LEARNED_METRICS,
     LPIPS,
     LearnedMetricPaths,
@@ -22,7 +23,6 @@ from model.metrics import (
     rgb_to_y,
     ssim,
 )
-from model.tiny_tokenizer import write_tiny_clip_tokenizer
 
 
 def _random_image(seed: int, shape: tuple[int, int] = (48, 40)) -> np.ndarray:
@@ -217,7 +217,7 @@ def _write_tiny_clip(directory: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer_dir = write_tiny_clip_tokenizer(directory, words=["good", "bad", "photo"])
-    from model.tiny_tokenizer import load_tiny_clip_tokenizer
+    from model.configs.tiny_tokenizer import load_tiny_clip_tokenizer
 
     tokenizer = load_tiny_clip_tokenizer(tokenizer_dir)
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """Speed settings keep the pipeline's results: each setting that runs on CPU against the fp32 eager
-run of the same tiny pipeline, same seed (:mod:`model.performance`).
+run of the same tiny pipeline, same seed (:mod:`model.pipeline.performance`).
 
 Tolerances: settings that only reorder or batch fp32 work (fused vs reference attention, NHWC
 layout, CFG halves or tiles in one batch, compilation) differ by float rounding, so 1e-4 relative
@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.performance import (
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.performance import (
     PerformanceSettings,
     apply_performance,
     count_flops,
     relative_error,
 )
-from model.pipeline import SpaSemSRPipeline
-from model.spasemsr import SpaSemSRUpscaler
+from model.upscalers.spasemsr import SpaSemSRUpscaler
 
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2
@@ -131,7 +131,7 @@ def test_tiles_are_batched_by_shape() -> None:
     tiles = pipeline._tiles(32, 32, 128, None)
     assert len(tiles) == 9
     pipeline.performance = PerformanceSettings(tile_batch_size=4)
-    from model.pipeline import _TileConditioning
+    from model.pipeline.diffusion import _TileConditioning
 
     conditions = [_TileConditioning(tile, 0, (tile.height, tile.width), None) for tile in tiles]
     batches = pipeline._tile_batches(conditions)

@@ -1,4 +1,4 @@
-"""Tests of the evaluation on real scikit-image photos (model/photo_eval.py)."""
+"""Tests of the evaluation on real scikit-image photos (model/evaluation/photos.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from model.evaluation import bicubic_upscale, lanczos_upscale, upscale_fn
-from model.lanczos import LanczosUpscaler
-from model.metrics import psnr, ssim
-from model.photo_eval import (
+from model.evaluation.benchmark import bicubic_upscale, lanczos_upscale, upscale_fn
+from model.evaluation.metrics import psnr, ssim
+from model.evaluation.photos import (
     DEFAULT_PHOTOS,
     PHOTO_SET,
     centre_square,
@@ -24,6 +23,7 @@ from model.photo_eval import (
     make_photo_set,
     photo_seed,
 )
+from model.upscalers.lanczos import LanczosUpscaler
 
 NOTE = "not comparable number-for-number"
 
@@ -218,7 +218,7 @@ def test_realesrgan_x4plus_is_sharper_than_bicubic(tmp_path: Path) -> None:
     """On these degraded photos the GAN restores edges bicubic leaves blurred; it does not win
     on PSNR (a full run at 256 px loses about 1 dB on average, as GAN methods do), so only
     sharpness is asserted, with PSNR within a few dB to show its output is aligned."""
-    from model.photo_eval import realesrgan_upscale_fn
+    from model.evaluation.photos import realesrgan_upscale_fn
 
     photos = ["rocket", "motorcycle"]
     realesrgan = realesrgan_upscale_fn(cache_root=tmp_path / "weights")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.pipeline import SCHEDULERS, SpaSemSRPipeline
-from model.prompt import GroundedPrompt
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SCHEDULERS, SpaSemSRPipeline
+from model.pipeline.prompt import GroundedPrompt
 
 PROMPT = GroundedPrompt(
     tags=("sky", "sand", "dog"),

@@ -1,6 +1,6 @@
-"""Shape buckets (:mod:`model.performance`): a compiled worker serves a fixed set of denoiser
-shapes, all compiled at warm-up, whatever the image size, tile size, guidance or scheduler of a
-request; padding a tile up to its bucket keeps the result close to the unpadded run.
+"""Shape buckets (:mod:`model.pipeline.performance`): a compiled worker serves a fixed set of
+denoiser shapes, all compiled at warm-up, whatever the image size, tile size, guidance or scheduler
+of a request; padding a tile up to its bucket keeps the result close to the unpadded run.
 
 Tolerances: a tile with nothing to pad gives exactly the unpadded result. A padded tile is not
 exact, because the mirrored context enters the UNet's attention and GroupNorm statistics; with
@@ -14,18 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.performance import (
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline, _TileConditioning, reflect_pad_to
+from model.pipeline.performance import (
     PerformanceSettings,
     apply_performance,
     compiled_graph_count,
     relative_error,
     tile_bucket,
 )
-from model.pipeline import SpaSemSRPipeline, _TileConditioning, reflect_pad_to
-from model.spasemsr import SpaSemSRUpscaler
-from model.tiling import Tile
-from model.upscaler import UpscaleOptions
+from model.pipeline.tiling import Tile
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.spasemsr import SpaSemSRUpscaler
 from tests.model.test_pipeline import run, smooth_image
 
 TINY_BUCKETS = (64, 128)

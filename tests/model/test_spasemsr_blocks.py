@@ -9,19 +9,19 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from model.attention import INPUTS_KEY, SpaSemSRAttentionInputs, cross_attention_sites
-from model.configs import build_tiny_pipeline
-from model.controlnet import SpatialSemanticControlNet
-from model.encoders import ImageEncoder, semantic_features, visual_guidance
-from model.pipeline import SpaSemSRPipeline
-from model.position import FourierPositionEncoder
-from model.text import (
+from model.blocks.attention import INPUTS_KEY, SpaSemSRAttentionInputs, cross_attention_sites
+from model.blocks.controlnet import SpatialSemanticControlNet
+from model.blocks.encoders import ImageEncoder, semantic_features, visual_guidance
+from model.blocks.position import FourierPositionEncoder
+from model.blocks.text import (
     aligned_token_add,
     box_embeddings_at_token_scale,
     tag_prompt,
     tag_token_indices,
 )
-from model.unet_attention import SpaSemSRUNetAttention
+from model.blocks.unet_attention import SpaSemSRUNetAttention
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
 from tests.model.perturb import perturb_trained_blocks
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.configs import ensure_demo_pipeline
-from model.prompt import GroundedPrompt, GroundingResult
-from model.spasemsr import SpaSemSRUpscaler
-from model.upscaler import UpscaleOptions, Upscaler
+from model.configs.spasemsr import ensure_demo_pipeline
+from model.pipeline.prompt import GroundedPrompt, GroundingResult
+from model.upscalers.base import UpscaleOptions, Upscaler
+from model.upscalers.spasemsr import SpaSemSRUpscaler
 
 PROMPT = GroundedPrompt(
     tags=("cat",), boxes=((0.1, 0.1, 0.6, 0.9),), caption="A blurry photo of a cat."

@@ -19,8 +19,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.pipeline import SpaSemSRPipeline, _Output, _OutputStream, _Upsampled, stream_output
-from model.tiling import (
+from model.pipeline.diffusion import (
+    SpaSemSRPipeline,
+    _Output,
+    _OutputStream,
+    _Upsampled,
+    stream_output,
+)
+from model.pipeline.tiling import (
     feather_weights,
     mosaic_group_norm_stats,
     shared_group_norm_stats,

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configs import build_tiny_pipeline
-from model.pipeline import SpaSemSRPipeline
-from model.prompt import GroundedPrompt
-from model.text import DEFAULT_NEGATIVE_PROMPT
-from model.training import SpaSemSRTrainer
+from model.blocks.text import DEFAULT_NEGATIVE_PROMPT
+from model.configs.spasemsr import build_tiny_pipeline
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.prompt import GroundedPrompt
+from model.training.trainer import SpaSemSRTrainer
 from tests.model.test_training import data_dir as data_dir  # the fixture: eight HR images
 from tests.model.test_training import fixed_batch, tiny_config
 

@@ -11,9 +11,9 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from torch import nn
 
-from model.configs import TINY
-from model.pipeline import SpaSemSRPipeline
-from model.tiling import (
+from model.configs.spasemsr import TINY
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.tiling import (
     STATISTICS,
     GroupStats,
     SharedNorm,

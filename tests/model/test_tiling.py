@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from model.pipeline import SpaSemSRPipeline
-from model.prompt import GroundedPrompt
-from model.tiling import (
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.prompt import GroundedPrompt
+from model.pipeline.tiling import (
     STATISTICS,
     Tile,
     boxes_for_tile,

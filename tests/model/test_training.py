@@ -12,22 +12,22 @@ import torch
 from PIL import Image
 from transformers import SamVisionModel
 
-from model.configs import build_tiny_pipeline
-from model.degradations import (
-    DegradationOrderConfig,
-    RealESRGANDegradation,
-    RealESRGANDegradationConfig,
-)
+from model.configs.spasemsr import build_tiny_pipeline
 from model.grounding.degradation import (
     CaptionThresholds,
     DegradationEstimates,
     compose_caption,
     estimate_degradations,
 )
-from model.pipeline import SpaSemSRPipeline
-from model.prompt import GroundedPrompt
-from model.spasemsr import SpaSemSRUpscaler
-from model.training import (
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.prompt import GroundedPrompt
+from model.training.config import TrainingConfig
+from model.training.degradations import (
+    DegradationOrderConfig,
+    RealESRGANDegradation,
+    RealESRGANDegradationConfig,
+)
+from model.training.trainer import (
     PROMPT_CACHE,
     SAM_TARGET,
     SEMDEG_HEADS,
@@ -45,8 +45,8 @@ from model.training import (
     measure_degradations,
     train,
 )
-from model.training_config import TrainingConfig
-from model.upscaler import UpscaleOptions
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.spasemsr import SpaSemSRUpscaler
 
 SIDE = 64
 SEMDEG_TERMS = {"image", "semantic", "controlnet_image", "controlnet_semantic"}
@@ -294,7 +294,7 @@ def test_one_lambda_weighs_the_sum_of_the_constraint_terms(data_dir: Path) -> No
 
 def test_the_hr_prompts_of_training_carry_no_masks(data_dir: Path, tmp_path: Path) -> None:
     """No SpaSemSR block reads SAM masks, so grounding the HR images never computes them."""
-    grounding = pytest.importorskip("model.grounding")
+    grounding = pytest.importorskip("model.configs.grounding")
     grounder = grounding.build_tiny_grounder(seed=0, masks=True)
     files = find_hr_images(data_dir)[:2]
     _, grounded = build_prompt_cache(files, data_dir / "hr", tmp_path / "cache.json", grounder)
@@ -310,7 +310,7 @@ def test_the_hr_prompts_of_training_carry_no_masks(data_dir: Path, tmp_path: Pat
 def first_run(
     data_dir: Path, tiny_pipeline_folder: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> TrainingReport:
-    grounding = pytest.importorskip("model.grounding")
+    grounding = pytest.importorskip("model.configs.grounding")
     return train(
         tiny_config(),
         data_dir=data_dir,
@@ -323,7 +323,7 @@ def first_run(
 def test_train_saves_a_loadable_pipeline_caches_prompts_and_resumes(
     first_run: TrainingReport, data_dir: Path, tiny_pipeline_folder: Path
 ) -> None:
-    grounding = pytest.importorskip("model.grounding")
+    grounding = pytest.importorskip("model.configs.grounding")
     grounder = grounding.build_tiny_grounder(seed=0)
     first, output = first_run, first_run.output_dir
     assert (first.first_step, first.global_step, len(first.losses)) == (0, 3, 3)

@@ -14,7 +14,7 @@ from core.recovery import JobRecovery
 from core.settings import Settings
 from core.storage import LocalStorage
 from core.workers import WorkerRegistry
-from model.lanczos import LanczosUpscaler
+from model.upscalers.lanczos import LanczosUpscaler
 from worker.runtime import WorkerRuntime
 
 

@@ -28,7 +28,7 @@ from core.records import JobStore
 from core.settings import Settings
 from core.storage import LocalStorage
 from core.workers import WorkerRegistry
-from model.lanczos import LanczosUpscaler
+from model.upscalers.lanczos import LanczosUpscaler
 from tests.conftest import png_bytes
 from worker.runtime import WorkerRuntime
 from worker.tasks import JobRunner

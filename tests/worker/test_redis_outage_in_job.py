@@ -15,7 +15,7 @@ import pytest
 from core.embedded_redis import EmbeddedRedis
 from core.jobs import JobStatus
 from core.settings import Settings
-from model.lanczos import LanczosUpscaler
+from model.upscalers.lanczos import LanczosUpscaler
 from tests.worker.runtimes import in_process_runtime
 from tests.worker.test_storage_outage import _accept
 from worker.tasks import JobRunner

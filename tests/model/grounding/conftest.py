@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from model.grounding import SpaSemSRGrounder, build_tiny_grounder
+from model.configs.grounding import build_tiny_grounder
+from model.grounding import SpaSemSRGrounder
 
 
 def natural_image(size: int = 96, seed: int = 0) -> Image.Image:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from model.grounding import SpaSemSRGrounder
 from model.grounding.captioner import BlipCaptioner, TemplateCaptioner
-from model.grounding.configs import build_tiny_blip_captioner
 from model.grounding.degradation import compose_caption, estimate_degradations
+from tests.model.builders import build_tiny_blip_captioner
 
 from .conftest import add_noise, natural_image
 

@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
+from model.configs.grounding import bert_vocabulary
 from model.grounding import SpaSemSRGrounder
-from model.grounding.configs import bert_vocabulary
 from model.grounding.detector import caption_for_tags
 from model.grounding.nms import box_iou
 

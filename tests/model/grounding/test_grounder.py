@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.grounding import SpaSemSRGrounder, ensure_demo_grounder
+from model.configs.grounding import ensure_demo_grounder
+from model.grounding import SpaSemSRGrounder
 from model.grounding.grounder import STAGES, WHOLE_IMAGE
-from model.prompt import Grounder, GroundingResult
+from model.pipeline.prompt import Grounder, GroundingResult
 
 from .conftest import add_noise, jpeg, natural_image
 

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from model.grounding import BoxMasker, SpaSemSRGrounder, build_tiny_box_masker, build_tiny_grounder
+from model.configs.grounding import build_tiny_box_masker, build_tiny_grounder
+from model.grounding import BoxMasker, SpaSemSRGrounder
 from model.grounding.grounder import MASK_STAGE, STAGES, WHOLE_IMAGE
 from model.grounding.masks import grid_size
-from model.prompt import GroundedPrompt, Mask
+from model.pipeline.prompt import GroundedPrompt, Mask
 
 from .conftest import add_noise, natural_image
 

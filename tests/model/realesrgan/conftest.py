@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.photo_eval import load_photo
-from model.realesrgan import RealESRGANUpscaler
-from model.realesrgan.catalogue import package_models_dir
+from model.evaluation.photos import load_photo
+from model.upscalers.realesrgan import RealESRGANUpscaler
+from model.upscalers.realesrgan.catalogue import package_models_dir
 
 
 def photo(width: int, height: int) -> Image.Image:

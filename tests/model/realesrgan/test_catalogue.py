@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from model.realesrgan import CATALOGUE, RealESRGANUpscaler, ensure_converted
-from model.realesrgan.catalogue import PROVENANCE_FILE, load_network
-from model.upscaler import UpscaleOptions
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.realesrgan import CATALOGUE, RealESRGANUpscaler, ensure_converted
+from model.upscalers.realesrgan.catalogue import PROVENANCE_FILE, load_network
 
 from .conftest import photo
 

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from model.grounding.drm import RRDBNet
-from model.realesrgan import RealESRGANUpscaler, SRVGGNetCompact
-from model.realesrgan.upscaler import image_to_tensor
-from model.upscaler import UpscaleOptions
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.realesrgan import RealESRGANUpscaler, SRVGGNetCompact
+from model.upscalers.realesrgan.upscaler import image_to_tensor
 
 from ..grounding.test_drm import published_state_dict
 from .conftest import photo

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from model.grounding import SpaSemSRGrounder, build_tiny_grounder, ensure_demo_grounder
-from model.grounding.configs import TINY_DRM_WEIGHTS
-from model.realesrgan import RealESRGANUpscaler
+from model.configs.grounding import TINY_DRM_WEIGHTS, build_tiny_grounder, ensure_demo_grounder
+from model.grounding import SpaSemSRGrounder
+from model.upscalers.realesrgan import RealESRGANUpscaler
 
 from .conftest import photo
 

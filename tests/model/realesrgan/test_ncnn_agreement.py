@@ -18,9 +18,9 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional
 
-from model.realesrgan import RealESRGANUpscaler
-from model.realesrgan.upscaler import image_to_tensor
-from model.upscaler import UpscaleOptions
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.realesrgan import RealESRGANUpscaler
+from model.upscalers.realesrgan.upscaler import image_to_tensor
 
 from .conftest import photo, psnr
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from model.grounding.drm import RRDB, RRDBNet
-from model.realesrgan.ncnn import Graph, PostResize, check_against_module, convert
-from model.realesrgan.srvgg import SRVGGNetCompact
+from model.upscalers.realesrgan.ncnn import Graph, PostResize, check_against_module, convert
+from model.upscalers.realesrgan.srvgg import SRVGGNetCompact
 
 FP16_TAG = 0x01306B47
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.photo_eval import load_photo
-from model.realesrgan import RealESRGANUpscaler
-from model.upscaler import UpscaleOptions
+from model.evaluation.photos import load_photo
+from model.upscalers.base import UpscaleOptions
+from model.upscalers.realesrgan import RealESRGANUpscaler
 
 from .conftest import psnr
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from model.grounding.drm import RRDBNet
-from model.realesrgan import RealESRGANUpscaler
-from model.upscaler import ModelCard, UpscaleOptions, Upscaler
+from model.upscalers.base import ModelCard, UpscaleOptions, Upscaler
+from model.upscalers.realesrgan import RealESRGANUpscaler
 
 from .conftest import photo, psnr
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-from model.position import FourierPositionEncoder
-from model.prompt import Box, GroundedPrompt
+from model.blocks.position import FourierPositionEncoder
+from model.pipeline.prompt import Box, GroundedPrompt
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Real-ESRGAN as an :class:`~model.upscaler.Upscaler`: the published weights, or your own.
+"""Real-ESRGAN as an :class:`~model.upscalers.base.Upscaler`: the published weights, or your own.
 
 Real-ESRGAN (Wang et al. 2021) networks magnify by a fixed factor (x4 for every model we serve).
 A smaller requested scale is reached the way the project itself does it:
@@ -8,7 +8,7 @@ A smaller requested scale is reached the way the project itself does it:
 - ``realesr-animevideov3`` at x2 / x3: the final resize its published x2 / x3 graphs apply to the
   same x4 network (read from those graphs at conversion: bicubic 0.5 and 0.75).
 
-Inference is tiled over the input (:mod:`model.realesrgan.tiling`) so memory stays bounded
+Inference is tiled over the input (:mod:`model.upscalers.realesrgan.tiling`) so memory stays bounded
 whatever the image size; progress is one ``("upscale", done_tiles, total_tiles)`` report per
 tile, plus one at 0 before the first.
 """
@@ -26,7 +26,7 @@ from PIL import Image
 
 from model.grounding.drm import RRDBNet, infer_rrdbnet_config, load_published_state_dict
 from model.grounding.modules import device_of, dtype_of, frozen
-from model.upscaler import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
+from model.upscalers.base import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
 
 from .catalogue import (
     PACKAGE,

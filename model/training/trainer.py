@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Training SpaSemSR's trainable blocks (arXiv 2603.14112, Eq. 11-12; DESIGN 1.1 and 1.4).
 
 ``L = ||ε - ε_θ(z_t, t, I_LR, x_deg, {x_obj, x_spa})||² + λ · L_SemDeg`` with one λ, as Eq. 12
@@ -26,12 +25,12 @@ blocks. Frozen, without gradients or optimiser state: UNet, VAE, text encoder, t
 and the grounder.
 
 Prompts: tags and boxes come from the HR images [P], grounded once per image by a
-:class:`model.prompt.Grounder` and cached as JSON in the output folder. The degradation-aware
-caption cannot come from there (an HR image is clean, the encoders see a degraded LR): it is
-measured on every synthesised LR, per sample, after the degradation (:func:`measure_degradations`,
-batched on the training device; the grounder's noise, blur and JPEG estimates) and worded by the
-grounder's template around the HR image's scene words, as the grounder captions an LR at
-inference.
+:class:`model.pipeline.prompt.Grounder` and cached as JSON in the output folder. The
+degradation-aware caption cannot come from there (an HR image is clean, the encoders see a degraded
+LR): it is measured on every synthesised LR, per sample, after the degradation
+(:func:`measure_degradations`, batched on the training device; the grounder's noise, blur and JPEG
+estimates) and worded by the grounder's template around the HR image's scene words, as the grounder
+captions an LR at inference.
 
 The loop runs on ``accelerate.Accelerator`` (DDP across GPUs, mixed precision, gradient
 accumulation, ``save_state`` / ``load_state`` for resume); every checkpoint also writes a
@@ -72,9 +71,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import SamVisionModel
 
-from model.controlnet import SpatialSemanticControlNet
-from model.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
-from model.encoders import ImageEncoder, semantic_features
+from model.blocks.controlnet import SpatialSemanticControlNet
+from model.blocks.encoders import ImageEncoder, semantic_features
+from model.blocks.text import TextConditioner, default_prompt
+from model.blocks.unet_attention import SpaSemSRUNetAttention, unet_with_control
 from model.grounding.degradation import (
     JPEG_BLOCK,
     MAD_TO_SIGMA,
@@ -83,12 +83,11 @@ from model.grounding.degradation import (
     compose_caption,
     scene_phrase,
 )
-from model.pipeline import SpaSemSRPipeline
-from model.prompt import Box, GroundedPrompt, Grounder
-from model.text import TextConditioner, default_prompt
-from model.tiling import boxes_for_tile
-from model.training_config import TrainingConfig
-from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.prompt import Box, GroundedPrompt, Grounder
+from model.pipeline.tiling import boxes_for_tile
+from model.training.config import TrainingConfig
+from model.training.degradations import RealESRGANDegradation, RealESRGANDegradationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +209,8 @@ def build_prompt_cache(
 
     Entries are keyed by the path relative to ``root`` and remember the file's size and
     modification time, so an edited image is grounded again. Without a grounder an image gets
-    :func:`model.text.default_prompt` (no tags, a generic caption). Returns the prompts and how
-    many images were grounded now.
+    :func:`model.blocks.text.default_prompt` (no tags, a generic caption). Returns the prompts and
+    how many images were grounded now.
     """
     cached: dict[str, Any] = {}
     if cache_file.is_file():
@@ -930,7 +929,7 @@ def _cycle(loader: DataLoader[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 def load_base_pipeline(pipeline_dir: Path | None, *, seed: int) -> SpaSemSRPipeline:
     """The pipeline to train from: a saved folder, or the tiny configuration with seeded weights."""
     if pipeline_dir is None:
-        from model.configs import build_tiny_pipeline
+        from model.configs.spasemsr import build_tiny_pipeline
 
         logger.warning("no pipeline folder given: training the tiny configuration (seed %d)", seed)
         return build_tiny_pipeline(seed)

@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """``SpaSemSRPipeline``: spatial-semantic guided diffusion super-resolution (arXiv 2603.14112, Fig.
 2).
 
@@ -14,7 +13,7 @@ The forward pass of DESIGN 1.2, as numbered steps in :meth:`SpaSemSRPipeline.__c
 3. scheduler by name (DDPM, DDIM, DPM-Solver++, UniPC) and its timesteps;
 4. the start latent: the VAE latent of the upsampled LR noised to the first timestep (SeeSR's LR
    embedding start [I]); one noise tensor for the whole latent, shared by all tiles;
-5. visual guidance, once per image (:mod:`model.encoders`): the image encoder's latent of the
+5. visual guidance, once per image (:mod:`model.blocks.encoders`): the image encoder's latent of the
    whole image (tiled as the VAE encoder is) and the semantic encoder's map of it; each tile's
    ``f = concat(ImageEncoder, SemanticEncoder)`` is read off them at its latent cells;
 6. denoising ("Multi Denoise", Fig. 2d): per tile, the Spatial-Semantic ControlNet then the UNet
@@ -25,9 +24,9 @@ The forward pass of DESIGN 1.2, as numbered steps in :meth:`SpaSemSRPipeline.__c
    streamed region by region into the output, allocated once in its final type (uint8 RGB, or
    float for ``output_type="pt"``).
 
-**Shape buckets** (``performance.tile_buckets``, see :mod:`model.performance`): the tile side
-comes from a fixed set, a tile smaller than its bucket is reflect-padded up to it (its latent and
-its guidance) and its prediction cropped back before blending, so padded cells never carry blend
+**Shape buckets** (``performance.tile_buckets``, see :mod:`model.pipeline.performance`): the tile
+side comes from a fixed set, a tile smaller than its bucket is reflect-padded up to it (its latent
+and its guidance) and its prediction cropped back before blending, so padded cells never carry blend
 weight; tiles go through the denoiser in batches of :attr:`PerformanceSettings.tile_counts`.
 
 **Memory**: beyond the model, a job holds its latents (1/64 of the output's pixels per channel),
@@ -35,8 +34,8 @@ the per-image encodings (the image latent, the semantic map, the distinct tile t
 inputs are read off them at each step, so there is no copy per tile), the blending weights, the
 output itself and per-region working buffers: the tiled VAE reads
 its input by regions and hands its decoded rows to the colour fix band by band
-(:func:`model.tiling.tiled_vae_decode_stream`), so its full-width buffers are a row of tiles high
-(the AdaIN colour fix alone holds the decoded image, for its whole-image moments).
+(:func:`model.pipeline.tiling.tiled_vae_decode_stream`), so its full-width buffers are a row of
+tiles high (the AdaIN colour fix alone holds the decoded image, for its whole-image moments).
 """
 
 from __future__ import annotations
@@ -64,13 +63,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer, SamVisionModel
 
-from model.color import COLOR_FIX_MODES, apply_color_fix
-from model.controlnet import SpatialSemanticControlNet
-from model.encoders import ImageEncoder, SemanticMap, encode_semantic_map
-from model.performance import PerformanceSettings, attention_context, tile_bucket
-from model.prompt import Box, GroundedPrompt
-from model.text import DEFAULT_NEGATIVE_PROMPT, TextConditioner, default_prompt
-from model.tiling import (
+from model.blocks.controlnet import SpatialSemanticControlNet
+from model.blocks.encoders import ImageEncoder, SemanticMap, encode_semantic_map
+from model.blocks.text import DEFAULT_NEGATIVE_PROMPT, TextConditioner, default_prompt
+from model.blocks.unet_attention import SpaSemSRUNetAttention, unet_with_control
+from model.pipeline.color import COLOR_FIX_MODES, apply_color_fix
+from model.pipeline.performance import PerformanceSettings, attention_context, tile_bucket
+from model.pipeline.prompt import Box, GroundedPrompt
+from model.pipeline.tiling import (
     Regions,
     Tile,
     boxes_for_tile,
@@ -80,7 +80,6 @@ from model.tiling import (
     tiled_vae_decode_stream,
     tiled_vae_encode,
 )
-from model.unet_attention import SpaSemSRUNetAttention, unet_with_control
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +298,8 @@ class _Upsampled:
 
 class _ChannelMoments:
     """Per-channel mean and standard deviation of an image seen region by region (float64 sums),
-    as :func:`model.color.adain_color_fix` computes them on a whole image (unbiased variance)."""
+    as :func:`model.pipeline.color.adain_color_fix` computes them on a whole image (unbiased
+    variance)."""
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
@@ -348,7 +348,7 @@ class _Output:
 
 class _OutputStream:
     """Colour-fixes the decoded image as it arrives, in consecutive bands of rows top to bottom
-    (:data:`model.tiling.Emit`), and writes it to ``output`` region by region: what the
+    (:data:`model.pipeline.tiling.Emit`), and writes it to ``output`` region by region: what the
     whole-image colour fix gives, without its full-resolution intermediates.
 
     The wavelet fix sees :data:`WAVELET_MARGIN` pixels around each region, so rows are written
@@ -484,7 +484,8 @@ class SpaSemSRPipeline(DiffusionPipeline):
         self.latent_multiple = int(2 ** (len(unet.config["block_out_channels"]) - 1))
         self.text_conditioner = TextConditioner(tokenizer, text_encoder)
         # How the loop batches its work (CFG halves, tiles) and which attention kernels it
-        # allows; model.performance.apply_performance sets it together with dtypes and compile.
+        # allows; model.pipeline.performance.apply_performance sets it together with dtypes and
+        # compile.
         self.performance = PerformanceSettings()
 
     @property
@@ -571,7 +572,7 @@ class SpaSemSRPipeline(DiffusionPipeline):
         """The tile side in output pixels that a ``height x width`` output runs at.
 
         Without shape buckets, ``tile_size`` itself (``None``: one tile of the whole image). With
-        them, the bucket ``tile_size`` maps onto (:func:`model.performance.tile_bucket`;
+        them, the bucket ``tile_size`` maps onto (:func:`model.pipeline.performance.tile_bucket`;
         ``None``: the largest), or the smallest bucket that holds the whole padded image when
         that is smaller (a small image is padded to less).
         """
@@ -899,8 +900,8 @@ class SpaSemSRPipeline(DiffusionPipeline):
         """Upscale ``image`` (PIL, or a tensor in [0, 1]) by ``scale`` (2 or 4).
 
         ``prompt`` is the grounded prompt (tags, boxes normalised to the image, caption);
-        ``None`` uses :func:`model.text.default_prompt`. ``tile_size`` / ``tile_overlap`` are in
-        output pixels (``None`` tile size: one tile whatever the size; ``None`` overlap: a
+        ``None`` uses :func:`model.blocks.text.default_prompt`. ``tile_size`` / ``tile_overlap`` are
+        in output pixels (``None`` tile size: one tile whatever the size; ``None`` overlap: a
         quarter tile). Classifier-free guidance runs when ``guidance_scale > 1``.
         ``callback(stage, step, total)`` is called per stage and after every denoising step;
         whatever it raises propagates. The output is exactly ``scale x`` the input size.

@@ -6,7 +6,7 @@ It follows the DIV2K-Val recipe of the paper (DESIGN 1.5) on a handful of real p
 
 1. HR: the centre ``crop`` x ``crop`` square of each photo (the largest centred square where the
    photo is smaller), its side a multiple of the scale;
-2. LR: the project's own Real-ESRGAN second-order degradation (:func:`model.degradations.
+2. LR: the project's own Real-ESRGAN second-order degradation (:func:`model.training.degradations.
    degrade_image`, x4 by default) with a fixed seed per photo, :func:`photo_seed`, derived from
    ``seed`` and the photo's name (so a photo gets the same LR whichever others are evaluated);
 3. every upscaler x ``scale``; PSNR and SSIM on Y (BT.601) with a ``scale``-pixel border cropped,
@@ -25,7 +25,7 @@ The default photos (:data:`DEFAULT_PHOTOS`, all colour, all in ``skimage.data``)
 (grey, 512 x 512, replicated into RGB) can be asked for by name.
 
 The tables (``results.md``, ``results.csv``, ``per_image.csv``) are written by
-:func:`model.evaluation.write_tables`; beside our rows they carry the paper's rows for the
+:func:`model.evaluation.benchmark.write_tables`; beside our rows they carry the paper's rows for the
 methods in ``paper_methods``, marked as measured on different data: they are context, not
 numbers to compare one for one. A figure (``comparison.png``) shows, for the first photos, the LR
 input (nearest-neighbour enlarged so its pixels show), each upscaler's output and the HR crop
@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from model.degradations import RealESRGANDegradationConfig, degrade_image
-from model.evaluation import (
+from model.evaluation.benchmark import (
     BASELINES,
     PAPER_RESULTS,
     EvaluationReport,
@@ -58,7 +57,8 @@ from model.evaluation import (
     upscale_fn,
     write_tables,
 )
-from model.metrics import psnr, ssim
+from model.evaluation.metrics import psnr, ssim
+from model.training.degradations import RealESRGANDegradationConfig, degrade_image
 
 logger = logging.getLogger(__name__)
 
@@ -198,8 +198,9 @@ def realesrgan_upscale_fn(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> UpscaleFn:
-    """The published Real-ESRGAN weights ``model`` (:mod:`model.realesrgan`) as an upscaler."""
-    from model.realesrgan import RealESRGANUpscaler
+    """The published Real-ESRGAN weights ``model`` (:mod:`model.upscalers.realesrgan`) as an
+    upscaler."""
+    from model.upscalers.realesrgan import RealESRGANUpscaler
 
     upscaler = RealESRGANUpscaler.from_catalogue(
         model, cache_root=cache_root, device=device, dtype=dtype

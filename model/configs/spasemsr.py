@@ -1,10 +1,9 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """SpaSemSR configurations (``tiny``, ``sd2``) and builders of pipelines with seeded random weights.
 
 * ``sd2``: the full-size shapes of DESIGN 1.1 -- SD-2-base UNet / VAE / OpenCLIP-H text tower
   (1024-d), SAM ViT-B semantic encoder (256 channels at 64x64 for a 1024-px input). Real weights
-  come through :mod:`model.assemble`; :func:`build_pipeline` with this configuration gives random
-  weights (benchmarks).
+  come through :mod:`model.configs.assemble`; :func:`build_pipeline` with this configuration gives
+  random weights (benchmarks).
 * ``tiny``: the same classes at toy size (CPU, well under a second per image) for tests and the
   demo, with a byte-level BPE tokenizer the project writes itself (nothing is downloaded).
 
@@ -33,12 +32,12 @@ from transformers import (
     SamVisionModel,
 )
 
-from model.controlnet import SpatialSemanticControlNet
-from model.encoders import ImageEncoder
-from model.pipeline import SpaSemSRPipeline
-from model.text import DEFAULT_NEGATIVE_PROMPT, compose_caption
-from model.tiny_tokenizer import write_tiny_clip_tokenizer
-from model.unet_attention import SpaSemSRUNetAttention
+from model.blocks.controlnet import SpatialSemanticControlNet
+from model.blocks.encoders import ImageEncoder
+from model.blocks.text import DEFAULT_NEGATIVE_PROMPT, compose_caption
+from model.blocks.unet_attention import SpaSemSRUNetAttention
+from model.configs.tiny_tokenizer import write_tiny_clip_tokenizer
+from model.pipeline.diffusion import SpaSemSRPipeline
 
 logger = logging.getLogger(__name__)
 

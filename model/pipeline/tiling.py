@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Tiling for large outputs (DESIGN 1.2 step 1 and 1.7; arXiv 2603.14112 processes 512² crops).
 
 * **Latent tiles**: the diffusion runs on overlapping latent tiles (64² latent = 512² output for
@@ -33,7 +32,7 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from torch import nn
 
-from model.prompt import Box, GroundedPrompt
+from model.pipeline.prompt import Box, GroundedPrompt
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,9 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
-"""The SpaSemSR upscaler: the worker's default model, on the :class:`model.upscaler.Upscaler`
+"""The SpaSemSR upscaler: the worker's default model, on the :class:`model.upscalers.base.Upscaler`
 protocol.
 
 Grounding (a request's explicit prompt, else the grounder, else a default prompt built from the
-request's hints) happens once per image, then :class:`model.pipeline.SpaSemSRPipeline` runs
-(arXiv 2603.14112, Fig. 2). Progress is reported as ``(stage, step, total)`` with stages
+request's hints) happens once per image, then :class:`model.pipeline.diffusion.SpaSemSRPipeline`
+runs (arXiv 2603.14112, Fig. 2). Progress is reported as ``(stage, step, total)`` with stages
 ``grounding``, ``encode``, ``denoise`` (after every step, 1..N) and ``decode``; an exception
 raised by the callback propagates unchanged, which is how the worker cancels a job.
 """
@@ -20,16 +19,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model.performance import (
+from model.blocks.text import DEFAULT_NEGATIVE_PROMPT, default_prompt
+from model.pipeline.diffusion import SpaSemSRPipeline
+from model.pipeline.performance import (
     PerformanceSettings,
     WarmUpReport,
     apply_performance,
     compiled_graph_count,
 )
-from model.pipeline import SpaSemSRPipeline
-from model.prompt import GroundedPrompt, Grounder
-from model.text import DEFAULT_NEGATIVE_PROMPT, default_prompt
-from model.upscaler import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
+from model.pipeline.prompt import GroundedPrompt, Grounder
+from model.upscalers.base import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
 
 logger = logging.getLogger(__name__)
 

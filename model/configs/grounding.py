@@ -29,12 +29,6 @@ import torch
 from transformers import (
     BertConfig,
     BertTokenizer,
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessorPil,
-    BlipProcessor,
-    BlipTextConfig,
-    BlipVisionConfig,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
@@ -53,14 +47,13 @@ from transformers import (
     SwinConfig,
 )
 
-from ..tiny_tokenizer import load_tiny_clip_tokenizer, write_tiny_clip_tokenizer
-from .captioner import BlipCaptioner
-from .detector import GroundingDinoDetector
-from .drm import RRDBNet
-from .grounder import GrounderConfig, SpaSemSRGrounder
-from .masks import BoxMasker, make_sam_processor
-from .modules import frozen
-from .tagger import ClipTagger, TagVocabulary
+from model.configs.tiny_tokenizer import load_tiny_clip_tokenizer, write_tiny_clip_tokenizer
+from model.grounding.detector import GroundingDinoDetector
+from model.grounding.drm import RRDBNet
+from model.grounding.grounder import GrounderConfig, SpaSemSRGrounder
+from model.grounding.masks import BoxMasker, make_sam_processor
+from model.grounding.modules import frozen
+from model.grounding.tagger import ClipTagger, TagVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +233,15 @@ def project_tokenizers(vocabulary: TagVocabulary) -> tuple[CLIPTokenizer, BertTo
 DrmChoice = Literal["realesrgan-x4plus", "tiny"]
 DEMO_DRM: DrmChoice = "realesrgan-x4plus"
 """The DRM of the demo grounder: the paper's DRM is an RRDBNet, and Real-ESRGAN x4plus is the
-trained one every installation has (``model.realesrgan``, converted once from the ncnn files)."""
+trained one every installation has (``model.upscalers.realesrgan``, converted once from the ncnn
+files)."""
 TINY_DRM_WEIGHTS = "tiny: a seeded random RRDBNet (8 features, 1 block)"
 
 
 def trained_drm(cache_root: Path) -> tuple[RRDBNet, str]:
     """The converted Real-ESRGAN x4plus RRDBNet and the description of its weights."""
-    # Imported here: model.realesrgan imports this package's drm module.
-    from ..realesrgan.catalogue import ensure_converted, load_network, published
+    # Imported here: model.upscalers.realesrgan imports model.grounding.drm.
+    from model.upscalers.realesrgan.catalogue import ensure_converted, load_network, published
 
     folder = ensure_converted(DEMO_DRM, cache_root)
     network = load_network(folder)
@@ -261,7 +255,7 @@ def demo_drm_config(**settings: Any) -> GrounderConfig:
     """Grounder settings for the x4plus DRM: inputs are first brought to at most 128 px (the
     toy tagger reads 32 px and the toy detector at most 128, so a 512-px clean estimate is
     plenty) and run as one tile; 32 px of context if a caller raises the limit (the 23-block
-    net's effective reach is wide, see ``model.realesrgan.upscaler.RRDBNET_OVERLAP``)."""
+    net's effective reach is wide, see ``model.upscalers.realesrgan.upscaler.RRDBNET_OVERLAP``)."""
     return GrounderConfig(drm_tile=128, drm_overlap=32, drm_max_side=128, **settings)
 
 
@@ -320,47 +314,6 @@ def build_tiny_grounder(
     return SpaSemSRGrounder(
         drm=drm_model, tagger=tagger, detector=detector, masker=masker, config=config
     )
-
-
-def build_tiny_blip_captioner(seed: int = 0) -> BlipCaptioner:
-    """A tiny BLIP captioning backend (random weights: its scene words are gibberish)."""
-    torch.manual_seed(seed)
-    _, tokenizer = project_tokenizers(TagVocabulary.default())
-    text = BlipTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        encoder_hidden_size=32,
-        intermediate_size=64,
-        projection_dim=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        # [CLS] starts generation and [SEP] ends it (real BLIP adds a [DEC] token for the start).
-        bos_token_id=int(tokenizer.cls_token_id),
-        sep_token_id=int(tokenizer.sep_token_id),
-        pad_token_id=int(tokenizer.pad_token_id),
-    )
-    vision = BlipVisionConfig(
-        image_size=TINY_IMAGE_SIDE,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        projection_dim=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    model = frozen(
-        BlipForConditionalGeneration(
-            BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
-        )
-    )
-    processor = BlipProcessor(  # type: ignore[no-untyped-call]
-        image_processor=BlipImageProcessorPil(
-            size={"height": TINY_IMAGE_SIDE, "width": TINY_IMAGE_SIDE}
-        ),
-        tokenizer=tokenizer,
-    )
-    return BlipCaptioner(model, processor, max_new_tokens=6)
 
 
 def build_full_size_grounder(seed: int = 0) -> SpaSemSRGrounder:

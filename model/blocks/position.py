@@ -8,8 +8,8 @@ cos)`` with ``F = width / 8`` (128 for SD2's 1024-d OpenCLIP-H tokens), frequenc
 ** (k / F)``.
 
 Every pair ``(sin, cos)`` has norm 1, so an embedding has norm ``sqrt(width / 2)`` whatever the
-box: its direction says where, its length says nothing. :mod:`model.text` therefore rescales it to
-the norm of the tokens it is added to.
+box: its direction says where, its length says nothing. :mod:`model.blocks.text` therefore rescales
+it to the norm of the tokens it is added to.
 """
 
 from __future__ import annotations

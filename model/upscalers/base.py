@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from PIL import Image
 
-from model.prompt import GroundedPrompt
+from model.pipeline.prompt import GroundedPrompt
 
 ColorFix = Literal["none", "adain", "wavelet"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]

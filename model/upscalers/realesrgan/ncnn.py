@@ -6,7 +6,7 @@ Super-Resolution with Pure Synthetic Data") reach us as the ncnn files inside th
 parsed into a graph, the ``.bin`` blob is cut into per-layer tensors in ``.param`` layer order,
 and the convolutions are named after the published PyTorch key layouts (BasicSR's ``RRDBNet``;
 xinntao's ``SRVGGNetCompact``), so the result loads into :class:`~model.grounding.drm.RRDBNet`
-or :class:`~model.realesrgan.srvgg.SRVGGNetCompact` with ``strict=True``.
+or :class:`~model.upscalers.realesrgan.srvgg.SRVGGNetCompact` with ``strict=True``.
 
 Names come from the graph, not from the file order: a convolution's position is its depth in
 the chain of convolutions from the input (both architectures are one such chain, the dense

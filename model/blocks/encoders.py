@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Semantic-enhanced visual guidance (arXiv 2603.14112, Fig. 2b; DESIGN 1.2 step 5).
 
 Two trained encoders read the LR image **bicubically upsampled to the output size**, not the raw
@@ -44,7 +43,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers import SamVisionModel
 
-from model.attention import zero_module
+from model.blocks.attention import zero_module
 
 SAM_PIXEL_MEAN = (0.485, 0.456, 0.406)
 SAM_PIXEL_STD = (0.229, 0.224, 0.225)

@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Speed settings of the SpaSemSR pipeline (DESIGN 1.2 steps 5-7; arXiv 2603.14112, Fig. 2).
 
 Speed does not change what the pipeline computes, only how: precision of the weights, which
@@ -41,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 if TYPE_CHECKING:
-    from model.pipeline import SpaSemSRPipeline
+    from model.pipeline.diffusion import SpaSemSRPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Attention plumbing shared by the SpaSemSR ControlNet and the UNet additions.
 
 SpaSemSR (arXiv 2603.14112, Fig. 2) adds attention to diffusers blocks without changing their

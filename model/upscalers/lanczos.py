@@ -6,7 +6,7 @@ import time
 
 from PIL import Image
 
-from model.upscaler import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
+from model.upscalers.base import ModelCard, ProgressCallback, UpscaleOptions, UpscaleResult
 
 
 class LanczosUpscaler:

@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """The Spatial-Semantic ControlNet (arXiv 2603.14112, Fig. 2c; DESIGN 1.2 step 6).
 
 A ControlNet copy of the SD UNet encoder (``from_unet``), built from diffusers blocks, whose
@@ -17,7 +16,7 @@ connections and middle block, and the per-resolution "spatial-semantic condition
 (the last feature map of each level, before downsampling) read by the UNet decoder's
 semantic-enhanced image attention. In training the same embeddings are tied to the frozen
 ``VAE(HR)`` and ``SAM(HR)`` features through light projection heads (the semantic degradation
-constraint, :mod:`model.training`), so that what the decoder reads carries the clean image's
+constraint, :mod:`model.training.trainer`), so that what the decoder reads carries the clean image's
 content.
 """
 
@@ -35,7 +34,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.utils.outputs import BaseOutput
 from torch import nn
 
-from model.attention import (
+from model.blocks.attention import (
     INPUTS_KEY,
     PassThroughAttnProcessor,
     SpaSemSRAttentionInputs,
@@ -43,7 +42,7 @@ from model.attention import (
     site_key,
     zero_module,
 )
-from model.encoders import GuidanceFusion
+from model.blocks.encoders import GuidanceFusion
 
 _STOCK_ATTENTION = AttnProcessor2_0()
 

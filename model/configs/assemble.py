@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """Assemble a full-size SpaSemSR pipeline folder from component folders (DESIGN 1.6).
 
 The frozen parts come from their own libraries' layouts: an SD-2(-base) diffusers pipeline folder
@@ -24,10 +23,10 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer, SamVisionModel
 
-from model.configs import assemble_components
-from model.controlnet import SpatialSemanticControlNet
-from model.encoders import ImageEncoder
-from model.unet_attention import SpaSemSRUNetAttention
+from model.blocks.controlnet import SpatialSemanticControlNet
+from model.blocks.encoders import ImageEncoder
+from model.blocks.unet_attention import SpaSemSRUNetAttention
+from model.configs.spasemsr import assemble_components
 
 logger = logging.getLogger(__name__)
 

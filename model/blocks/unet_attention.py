@@ -1,4 +1,3 @@
-# mypy: disallow-untyped-calls=False, disallow-untyped-decorators=False
 """SpaSemSR's additions to the frozen SD UNet (arXiv 2603.14112, Fig. 2d; DESIGN 1.1 and 1.2 step
 7).
 
@@ -30,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
-from model.attention import (
+from model.blocks.attention import (
     INPUTS_KEY,
     PassThroughAttnProcessor,
     SpaSemSRAttentionInputs,
@@ -41,7 +40,7 @@ from model.attention import (
 )
 
 if TYPE_CHECKING:
-    from model.controlnet import SpatialSemanticControlNetOutput
+    from model.blocks.controlnet import SpatialSemanticControlNetOutput
 
 _STOCK_ATTENTION = AttnProcessor2_0()
 

@@ -1,0 +1,1 @@
+"""SpaSemSR's network blocks: attention, ControlNet, encoders, text, position."""

@@ -1,0 +1,1 @@
+"""Configurations and tiny builders, pipeline assembly, the tiny tokenizer."""

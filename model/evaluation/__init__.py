@@ -1,0 +1,1 @@
+"""Evaluation: the benchmark protocol, metrics, the real-photo evaluation."""

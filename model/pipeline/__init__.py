@@ -1,0 +1,1 @@
+"""The diffusion pipeline and what it runs with: prompts, tiling, colour fix."""

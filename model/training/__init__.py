@@ -1,0 +1,1 @@
+"""Training SpaSemSR: the trainer, its torch-free config, the degradations."""

@@ -1,0 +1,1 @@
+"""The Upscaler protocol and its implementations: Lanczos, SpaSemSR, Real-ESRGAN."""
