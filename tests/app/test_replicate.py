@@ -205,7 +205,8 @@ def tls_service(
             "SPASEMSR_REDIS__URL": redis.url,
             "SPASEMSR_VAR_DIR": str(tmp_path / "var"),
             "SPASEMSR_WORKER__HEARTBEAT_SECONDS": "1",
-            "SPASEMSR_WORKER__MODELS": '["lanczos"]',
+            # the trained Real-ESRGAN too: the client's first run is a real 4x upscale
+            "SPASEMSR_WORKER__MODELS": '["lanczos", "realesrgan-x4plus"]',
             "SPASEMSR_MODEL__DEFAULT": "lanczos",
             "SPASEMSR_API__AUTH_REQUIRED": "true",
             "SPASEMSR_API__KEYS": f'[{{"name": "alice", "sha256": "{hash_key(KEY)}"}}]',
@@ -236,10 +237,10 @@ def test_official_client_runs_a_model(
     client = ReplicateClient(api_token=KEY, base_url=service.url, verify=trust)
     photo = _astronaut(tmp_path / "astronaut.png")
     with photo.open("rb") as handle:
-        output = client.run("spasemsr/lanczos", input={"image": handle, "scale": 2})
+        output = client.run("spasemsr/realesrgan-x4plus", input={"image": handle, "scale": 4})
     assert isinstance(output, FileOutput)
     result = Image.open(io.BytesIO(output.read()))
-    assert result.size == (128, 128)
+    assert result.size == (256, 256)
 
     uploaded = client.files.create(photo)
     prediction = client.predictions.create(
