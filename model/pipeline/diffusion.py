@@ -213,11 +213,15 @@ def semantic_input(low_res: torch.Tensor, out_h: int, out_w: int, size: int) -> 
     return resized.clamp(-1.0, 1.0)
 
 
-def cell_fractions(start: int, count: int, factor: int, real: int) -> torch.Tensor:
+def cell_fractions(
+    start: int, count: int, factor: int, real: int, *, device: torch.device | None = None
+) -> torch.Tensor:
     """The centres of latent cells ``[start, start + count)`` (``factor`` pixels each) as fractions
     of the ``real`` unpadded pixels; centres in the padding mirror back into the image, as the
-    padding mirrors the image."""
-    centres = (torch.arange(start, start + count, dtype=torch.float64) + 0.5) * factor
+    padding mirrors the image. Made on ``device``: the denoising loop reads them every step, and
+    a copy from the host there would wait for the GPU's queued work each time."""
+    cells = torch.arange(start, start + count, dtype=torch.float64, device=device)
+    centres = (cells + 0.5) * factor
     centres = torch.where(centres > real, 2.0 * real - centres, centres)
     return centres / real
 
@@ -679,8 +683,8 @@ class SpaSemSRPipeline(DiffusionPipeline):
         factor = self.vae_scale_factor
         latent = image.image_latents[..., tile.slices[0], tile.slices[1]]
         semantic = image.semantic_map.at(
-            cell_fractions(tile.top, tile.height, factor, image.out_h),
-            cell_fractions(tile.left, tile.width, factor, image.out_w),
+            cell_fractions(tile.top, tile.height, factor, image.out_h, device=latent.device),
+            cell_fractions(tile.left, tile.width, factor, image.out_w, device=latent.device),
         )
         guidance = torch.cat([latent, semantic.to(latent.dtype)], dim=1).to(self.unet.dtype)
         if image.bucket is None:
