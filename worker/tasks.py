@@ -254,6 +254,9 @@ class JobRunner:
                 output_format=parameters.output_format,
             )
             data = imaging.encode(image, parameters.output_format)
+            # Encoding a large result takes seconds: a second Ctrl-C or a cancel that came
+            # meanwhile is honoured before the result is stored, not after.
+            self._stop_if_asked("write")
             media_type = parameters.output_format.media_type
             self._storage_call(
                 lambda: storage.put(self.job.output_key, data, content_type=media_type)
@@ -277,14 +280,19 @@ class JobRunner:
         )
 
     def _on_progress(self, stage: str, step: int, total: int) -> None:
-        jobs = self.runtime.jobs
-        jobs.update(self.job.job_id, progress={"stage": stage, "step": step, "total": total})
-        if jobs.cancel_requested(self.job.job_id):
+        self.runtime.jobs.update(
+            self.job.job_id, progress={"stage": stage, "step": step, "total": total}
+        )
+        self._stop_if_asked(stage)
+        if self.events is not None:
+            self.events.progressed()
+
+    def _stop_if_asked(self, stage: str) -> None:
+        """Raise if the client canceled the job or the worker's stop is due."""
+        if self.runtime.jobs.cancel_requested(self.job.job_id):
             raise JobCanceled(f"Canceled during {stage}.")
         if self.runtime.shutdown_due():
             raise WorkerShuttingDown
-        if self.events is not None:
-            self.events.progressed()
 
     def _finish(
         self,

@@ -30,6 +30,7 @@ from core.storage import LocalStorage
 from core.workers import WorkerRegistry
 from model.upscalers.lanczos import LanczosUpscaler
 from tests.conftest import png_bytes
+from worker import imaging
 from worker.runtime import WorkerRuntime
 from worker.tasks import JobRunner
 
@@ -98,6 +99,27 @@ def test_cancel_requested_while_running_stops_at_the_next_step(runtime: WorkerRu
     record = runtime.jobs.get(payload.job_id)
     assert record.status is JobStatus.CANCELED
     assert record.error is not None and record.error.type == "job-canceled"
+    assert not runtime.storage.exists(payload.output_key)
+
+
+@pytest.mark.parametrize("stop", ["cancel", "second-ctrl-c"])
+def test_a_stop_that_comes_while_the_result_is_encoded_is_honoured_before_it_is_stored(
+    runtime: WorkerRuntime, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    payload = _submit(runtime, png_bytes())
+    encode = imaging.encode
+
+    def encode_then_stop(image: Image.Image, output_format: ImageFormat) -> bytes:
+        data = encode(image, output_format)  # the real encoder; the stop comes while it runs
+        if stop == "cancel":
+            runtime.jobs.request_cancel(payload.job_id)
+        else:
+            runtime.begin_shutdown(immediately=True)
+        return data
+
+    monkeypatch.setattr(imaging, "encode", encode_then_stop)
+    outcome = JobRunner(runtime, payload).run()
+    assert outcome == ({"status": "canceled"} if stop == "cancel" else {"status": "requeued"})
     assert not runtime.storage.exists(payload.output_key)
 
 
