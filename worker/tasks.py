@@ -95,6 +95,11 @@ class JobRunner:
             ttl_seconds=runtime.settings.worker.queue_ttl_seconds,
         )
         started_at = utcnow()
+        # Marked held before it is marked processing: Redis lost between the two writes must not
+        # leave a processing job that no hand-back or sweep knows of (a mark without the
+        # transition is dropped by either, since the job is not processing).
+        if runtime.recovery is not None:
+            runtime.recovery.mark_running(self.job.job_id, runtime.name)
         if not jobs.transition(
             self.job.job_id,
             from_statuses=[JobStatus.QUEUED],
@@ -106,9 +111,9 @@ class JobRunner:
             model_trained=self._model_trained(),
         ):
             logger.info("job %s is %s: not started", self.job.job_id, record.status.value)
+            if runtime.recovery is not None:
+                runtime.recovery.mark_done(self.job.job_id)
             return {"status": "skipped"}
-        if runtime.recovery is not None:
-            runtime.recovery.mark_running(self.job.job_id, runtime.name)
         self.timings["queue_wait"] = (started_at - record.created_at).total_seconds()
         current_metrics().observe_queue_wait(
             record.priority.value, self.model, self.timings["queue_wait"]
