@@ -100,6 +100,9 @@ UNET_PROMPTS = ("tags", "caption")
 OUTPUT_REGION = 512
 """Side in output pixels of the regions the output is assembled in (colour fix, conversion)."""
 
+STREAM_ROWS = 128
+"""Decoded rows the output stream colour-fixes and writes at a time (above its margin)."""
+
 WAVELET_MARGIN = 32
 """Context around a region for the wavelet colour fix: its five à-trous levels reach
 1 + 2 + 4 + 8 + 16 = 31 pixels, so a region with this margin is fixed as in the whole image."""
@@ -195,21 +198,26 @@ def padding_index(size: int, padded: int, *, reflect: bool) -> torch.Tensor:
     return torch.where(outside, beyond, index)
 
 
+def unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """LR pixels as float32 in ``[-1, 1]``: 8-bit pixels (how the pipeline keeps a PIL input, a
+    quarter of float32's memory) are mapped, float pixels are taken as already in range."""
+    if pixels.dtype == torch.uint8:
+        return (pixels.float() / 255.0 * 2.0 - 1.0).clamp(-1.0, 1.0)
+    return pixels.float()
+
+
 def semantic_input(low_res: torch.Tensor, out_h: int, out_w: int, size: int) -> torch.Tensor:
     """The upsampled image (``out_h x out_w``, unpadded) at the semantic encoder's resolution
-    (longest side ``size``), straight from the LR in ``[-1, 1]``: bicubic, as the upsampling, when
-    that enlarges the LR, antialiased otherwise, so that no full-resolution image is built for
-    an encoder that reads 1024 px. SAM's own resize then leaves it as it is."""
+    (longest side ``size``), straight from the LR (:func:`unit_range`): bicubic, as the
+    upsampling, when that enlarges the LR, antialiased otherwise, so that no full-resolution image
+    is built for an encoder that reads 1024 px. SAM's own resize then leaves it as it is."""
     ratio = size / max(out_h, out_w)
     height, width = max(1, round(out_h * ratio)), max(1, round(out_w * ratio))
+    pixels = unit_range(low_res)
     if height >= low_res.shape[-2] and width >= low_res.shape[-1]:
-        resized = F.interpolate(
-            low_res.float(), size=(height, width), mode="bicubic", align_corners=False
-        )
+        resized = F.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False)
     else:
-        resized = F.interpolate(
-            low_res.float(), size=(height, width), mode="bilinear", antialias=True
-        )
+        resized = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True)
     return resized.clamp(-1.0, 1.0)
 
 
@@ -243,7 +251,8 @@ class _Upsampled:
     whole-image interpolation's values: the scales are powers of two, so source coordinates are
     exact in floating point, and the taps that the whole image clamps at its border are clamped
     at the same border. Padding (reflect, or replicate when the image is too small to reflect, as
-    ``F.pad`` does it) is an index map onto the real pixels.
+    ``F.pad`` does it) is an index map onto the real pixels. ``low_res`` is read through
+    :func:`unit_range` window by window, so 8-bit pixels are never held as float whole.
     """
 
     def __init__(self, low_res: torch.Tensor, scale: int, height: int, width: int) -> None:
@@ -280,7 +289,7 @@ class _Upsampled:
             max(0, left // scale - margin),
             min(low_w, -(-right // scale) + margin),
         )
-        window = self.low_res[..., first_row:last_row, first_col:last_col]
+        window = unit_range(self.low_res[..., first_row:last_row, first_col:last_col])
         size = ((last_row - first_row) * scale, (last_col - first_col) * scale)
         upsampled = F.interpolate(window, size=size, mode="bicubic", align_corners=False)
         row, col = top - first_row * scale, left - first_col * scale
@@ -373,11 +382,21 @@ class _OutputStream:
         """Output rows written so far."""
 
     def add(self, top: int, band: torch.Tensor) -> None:
-        height, width = self.reference.out_h, self.reference.out_w
         if top != self.arrived:
             raise ValueError(f"rows from {top} arrived, expected {self.arrived}")
         self.arrived += band.shape[-2]
-        band = band[..., : max(0, height - top), :width]  # the padding is never output
+        band = band[..., : max(0, self.reference.out_h - top), : self.reference.out_w]
+        if self.color_fix == "adain":  # held whole until the last row anyway
+            self._add_rows(band)
+            return
+        # A few rows at a time: what is held beside the band is then a small multiple of the
+        # wavelet's margin, not a second copy of a band as wide as the image.
+        for first in range(0, max(1, band.shape[-2]), STREAM_ROWS):
+            self._add_rows(band[..., first : first + STREAM_ROWS, :])
+
+    def _add_rows(self, band: torch.Tensor) -> None:
+        """``band``: the next decoded rows, cropped to the output (possibly none)."""
+        height = self.reference.out_h
         self.held = band if self.held is None else torch.cat([self.held, band], -2)
         arrived = self.top + self.held.shape[-2]
         if arrived >= height:
@@ -390,7 +409,8 @@ class _OutputStream:
             self._write(self.written, ready)
             self.written = ready
             keep = max(self.top, ready - self.margin)
-            self.held, self.top = self.held[..., keep - self.top :, :], keep
+            # A copy: a view would keep the whole band's storage until the next rows arrive.
+            self.held, self.top = self.held[..., keep - self.top :, :].clone(), keep
 
     def _adain(self) -> tuple[torch.Tensor, ...]:
         """Whole-image moments of the decoded image and of the reference, region by region."""
@@ -560,12 +580,13 @@ class SpaSemSRPipeline(DiffusionPipeline):
         return scheduler_class.from_config({**config, **overrides})
 
     def _to_tensor(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
-        """``(1, 3, H, W)`` in ``[-1, 1]`` on the pipeline's device, float32."""
+        """``(1, 3, H, W)`` on the pipeline's device: a PIL image's 8-bit pixels as they are
+        (read through :func:`unit_range`, a window at a time), a tensor in ``[0, 1]`` as float32
+        in ``[-1, 1]``."""
         if isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-            tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
-        else:
-            tensor = image.float()[None] if image.ndim == 3 else image.float()
+            array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous().to(self.device)
+        tensor = image.float()[None] if image.ndim == 3 else image.float()
         return (tensor.to(self.device) * 2.0 - 1.0).clamp(-1.0, 1.0)
 
     def _padded(self, side: int) -> int:
@@ -983,6 +1004,7 @@ class SpaSemSRPipeline(DiffusionPipeline):
             lr_latents.shape, generator=generator, device=self.device, dtype=torch.float32
         )
         latents = noise_scheduler.add_noise(lr_latents.float(), noise, timesteps[:1]).to(dtype)
+        del lr_latents, noise  # latent-sized: not held through the denoising
         timings["vae_encode"] = self._sync() - mark
 
         # 5. visual guidance, once per image: the image encoder's latent of the whole image and
@@ -1040,7 +1062,10 @@ class SpaSemSRPipeline(DiffusionPipeline):
         #    as soon as it is blended, so the decoded image is never whole (but for AdaIN)
         notify("decode", 0, 1)
         mark = self._sync()
-        del batches, image_conditioning, lr_latents, noise
+        # What the denoising held at latent size (the scheduler's history of model outputs, the
+        # last prediction, the blend weights) is not held through the decode too.
+        del batches, conditions, image_conditioning, noise_scheduler, model_input, noise_pred
+        del total_weight
         output = _Output(out_h, out_w, output_type)
         vae_latents = latents.to(self.vae.dtype)
         del latents

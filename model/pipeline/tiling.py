@@ -291,10 +291,14 @@ class _BandBlender:
         count = min(until - self.top, self.sums.shape[-2])
         if count <= 0:
             return
-        band = (self.sums[..., :count, :] / self.weights[..., :count, :]).to(self.dtype)
-        # Copies, so that the handed-on rows' storage is freed now, not at the next extension.
+        weights = self.weights[..., :count, :]
+        # Divided in place (the rows are done): no second buffer of a band as wide as the image.
+        band = self.sums[..., :count, :].div_(weights).to(self.dtype)
+        # Copies, so that the handed-on rows' storage is freed with the band, not at the next
+        # extension.
         self.sums = self.sums[..., count:, :].clone()
         self.weights = self.weights[..., count:, :].clone()
+        del weights
         top, self.top = self.top, self.top + count
         self.emit(top, band)
 
