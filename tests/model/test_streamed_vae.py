@@ -221,3 +221,20 @@ def test_a_multi_tile_job_never_makes_a_full_resolution_plane(
     assert isinstance(images, list) and images[0].size == (384, 384)
     assert planes.ops > 1000  # the mode saw the job's ops
     assert not planes.found, planes.found[:5]
+
+
+def test_a_photo_is_held_as_8_bit_pixels_and_read_as_the_float_image_it_stands_for(
+    tiny_pipeline: SpaSemSRPipeline,
+) -> None:
+    photo = Image.fromarray(skimage.data.astronaut()).resize(LOW_RES[::-1])
+    held = tiny_pipeline._to_tensor(photo)
+    assert held.dtype == torch.uint8  # a quarter of float32's bytes for the job's whole run
+    as_float = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    expected = (as_float[None] * 2.0 - 1.0).clamp(-1.0, 1.0)  # how a float LR is held
+    from_bytes, from_float = _Upsampled(held, 4, *PADDED), _Upsampled(expected, 4, *PADDED)
+    for rows, cols in [(slice(0, 400), slice(0, 368)), (slice(37, 201), slice(300, 368))]:
+        assert torch.equal(from_bytes.region(rows, cols), from_float.region(rows, cols))
+    assert torch.equal(
+        tiny_pipeline.semantic_map(held, 4).features,
+        tiny_pipeline.semantic_map(expected, 4).features,
+    )
