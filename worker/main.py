@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -196,18 +197,50 @@ def _best_effort(action: Callable[[], object], what: str) -> None:
 
 
 def die_with_this_process_on_fork() -> None:
-    """RQ forks its scheduler; make every such child die when this process does.
+    """RQ forks its scheduler; make every such child stoppable, and die when this process does.
 
-    Without it, a worker killed with SIGKILL leaves its scheduler child running with parent 1,
-    holding the scheduler lock for a worker that no longer exists. Linux only (prctl); a
-    no-op elsewhere.
+    A forked child inherits this process's Python signal handlers, which only mark *this*
+    worker as stopping: a SIGTERM reaching the child before RQ's scheduler installs its own
+    would be swallowed, and the worker, joining the child on its way out, would never exit
+    (a stop in the instant the worker starts). The child starts with the default actions.
+
+    Without the death signal, a worker killed with SIGKILL leaves its scheduler child running
+    with parent 1, holding the scheduler lock for a worker that no longer exists. Linux only
+    (prctl); elsewhere only the signal actions are reset.
     """
+    parent = os.getpid()
+    os.register_at_fork(
+        before=_hold_stop_signals,
+        after_in_parent=_release_stop_signals,
+        after_in_child=lambda: _prepare_forked_child(parent),
+    )
+
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+# Held from just before the fork until the child has its default actions: a SIGTERM sent to
+# the child in between stays pending and is then acted on, instead of reaching a handler that
+# is about to be replaced (CPython runs handlers late, after the hooks).
+def _hold_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def _release_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _prepare_forked_child(parent: int) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
-        parent = os.getpid()
-        os.register_at_fork(after_in_child=lambda: _ask_for_parent_death_signal(parent))
+        _ask_for_parent_death_signal(parent)
+    _release_stop_signals()
 
 
 PR_SET_PDEATHSIG = 1
+# RQ's scheduler checks for a stop once a second.
+SCHEDULER_STOP_SECONDS = 10.0
 
 
 def _ask_for_parent_death_signal(parent: int) -> None:
@@ -241,6 +274,23 @@ class ServingWorker(SimpleWorker):
         # A stop that came before RQ's handlers were in place: the loop stops at its first check.
         if self.runtime.stopping():
             self._stop_requested = True
+
+    def stop_scheduler(self) -> None:
+        """Stop the scheduler child, waiting a bounded time: RQ's own join has no bound, so one
+        child that misses its SIGTERM would keep this worker from ever exiting."""
+        process = self.scheduler._process if self.scheduler is not None else None
+        if process is None or process.pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_SECONDS)
+        if process.is_alive():
+            logger.warning(
+                "worker %s: scheduler %d ignored SIGTERM for %.0f s; killing it",
+                self.runtime.name, process.pid, SCHEDULER_STOP_SECONDS,
+            )  # fmt: skip
+            process.kill()
+            process.join()
 
     def _hand_back_now(self, signum: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown(immediately=True)

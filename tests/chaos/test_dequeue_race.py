@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 from redis import Redis
 
 from core.embedded_redis import EmbeddedRedis
@@ -52,7 +54,12 @@ def test_sigterm_in_the_dequeue_window_loses_nothing(
                 accepted.append(_submit(client, png_bytes(), scale="2"))
                 time.sleep(random.uniform(0, 0.003))
                 worker.send_signal(signal.SIGTERM)
-                assert worker.wait(timeout=60) == 0
+                try:
+                    exit_code = worker.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"worker {worker.pid} still running 60 s after SIGTERM\n"
+                                + service.logs())  # fmt: skip
+                assert exit_code == 0, service.logs()
                 service.workers.remove(worker)
                 service.start_worker(wait_ready=False)
                 _wait_warm(aof_redis.url, service.workers[-1].pid)
