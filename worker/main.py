@@ -265,9 +265,13 @@ class ServingWorker(SimpleWorker):
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
-        # RQ's second-signal handler raises SystemExit mid-job; ours hands the job back first.
-        signal.signal(signal.SIGINT, self._hand_back_now)
-        signal.signal(signal.SIGTERM, self._hand_back_now)
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """The second signal. RQ's own raises SystemExit mid-job, and ignores a signal that
+        comes within a second of the first: while the first is still being handled (RQ stops
+        the scheduler child inside it, which takes up to a second), a second Ctrl-C was lost.
+        Ours hands the running job back at its next check, whenever the signal comes."""
+        self._hand_back_now(signum, frame)
 
     def _install_signal_handlers(self) -> None:
         super()._install_signal_handlers()  # type: ignore[no-untyped-call]
