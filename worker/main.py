@@ -264,6 +264,10 @@ class ServingWorker(SimpleWorker):
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown()
+        # RQ stops an idle worker by raising StopRequested from this handler; when the signal
+        # lands inside a logging call, logging swallows it and the worker ran on for good. The
+        # flag makes its loop stop at its next check (after the job it had just taken) anyway.
+        self._stop_requested = True
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
     def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
